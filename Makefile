@@ -1,0 +1,32 @@
+# `make test` and `make demo` each build .venv on first use: torch==2.13.0 first (a local CPU wheel on our
+# machines; a looser pin would download GBs of CUDA packages), then this project with its dev extras.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m kv_cache.demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check kv_cache tests benchmarks
+	$(VENV)/bin/ruff format --check kv_cache tests benchmarks
+	$(VENV)/bin/mypy
+
+bench: $(STAMP)
+	$(PY) benchmarks/append.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

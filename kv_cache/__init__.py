@@ -1,0 +1,41 @@
+"""kv_cache: a paged, quantizable KV-cache engine for PyTorch transformer inference.
+
+Importing this package does nothing but define names: no device queries, no torch global settings, no patching
+of `transformers`.
+"""
+
+from kv_cache.block_format import BlockFormat
+from kv_cache.block_pool import BlockPool
+from kv_cache.block_table import BlockTable
+from kv_cache.config import CacheMode, CacheStrategy, KVCacheConfig
+from kv_cache.devices import available_devices, resolve_device
+from kv_cache.errors import CacheDeviceError, CacheError, CacheMemoryError, CacheValidationError
+from kv_cache.hf_cache import KVCache
+from kv_cache.kv_store import KVStore
+from kv_cache.profiler import Profiler
+from kv_cache.seed_api import AdaptiveKVCache, BaseKVCache, PagedKVCache
+from kv_cache.stats import CacheStatsTracker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptiveKVCache",
+    "BaseKVCache",
+    "BlockFormat",
+    "BlockPool",
+    "BlockTable",
+    "CacheDeviceError",
+    "CacheError",
+    "CacheMemoryError",
+    "CacheMode",
+    "CacheStatsTracker",
+    "CacheStrategy",
+    "CacheValidationError",
+    "KVCache",
+    "KVCacheConfig",
+    "KVStore",
+    "PagedKVCache",
+    "Profiler",
+    "available_devices",
+    "resolve_device",
+]

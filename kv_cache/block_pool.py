@@ -1,0 +1,136 @@
+"""`BlockPool`: preallocated K/V storage for every layer, and the allocator of its blocks.
+
+Layout (vLLM's "NHD"): one tensor for keys and one for values,
+
+    keys, values: [num_layers, num_blocks, block_size, kv_heads, head_dim]
+
+A block id names the same `[block_size, kv_heads, head_dim]` slab in every layer, so a block is the unit of
+allocation, sharing and transfer for all layers at once. Token `t` of a sequence lives in block
+`block_table[t // block_size]` at offset `t % block_size`.
+
+Allocation is O(1) per block: free ids sit on a stack (the most recently freed block is reused first, so it is
+likely still in cache). Every block is either free (reference count 0, on the stack) or referenced (count >= 1,
+one per block table holding it); `check_invariants` verifies that conservation law against the holders.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from kv_cache.block_format import BlockFormat
+from kv_cache.errors import CacheError, CacheMemoryError
+
+
+class BlockPool:
+    """Preallocated storage for `num_blocks` blocks of format `block_format`, and their allocator.
+
+    Args:
+        block_format: shape and dtype of a block (all layers).
+        num_blocks: blocks in the pool (all allocated now, never grown).
+        device: where the storage lives.
+        capacity_hint: the config field a user should raise when the pool runs out, for error messages.
+    """
+
+    def __init__(
+        self, block_format: BlockFormat, num_blocks: int, device: torch.device, capacity_hint: str = "num_blocks"
+    ) -> None:
+        fmt = block_format
+        self.block_format = fmt
+        self.num_blocks = num_blocks
+        self.block_size = fmt.block_size
+        self.capacity_hint = capacity_hint
+        storage_shape = (fmt.num_layers, num_blocks, fmt.block_size, fmt.kv_heads, fmt.head_dim)
+        try:
+            # Zero-filled, not `empty`: the memory is really committed now (no page faults on first append).
+            self.keys = torch.zeros(storage_shape, dtype=fmt.dtype, device=device)
+            self.values = torch.zeros(storage_shape, dtype=fmt.dtype, device=device)
+        except torch.OutOfMemoryError as exc:
+            raise CacheMemoryError(
+                f"could not allocate {num_blocks} blocks ({num_blocks * fmt.bytes_per_block / 2**20:.1f} MiB) "
+                f"on {device}; lower {capacity_hint}"
+            ) from exc
+        # Per-layer views with one row per token slot: slot = block_id * block_size + offset.
+        slots_shape = (fmt.num_layers, num_blocks * fmt.block_size, fmt.kv_heads, fmt.head_dim)
+        self.key_slots = self.keys.view(slots_shape)
+        self.value_slots = self.values.view(slots_shape)
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._ref_counts: list[int] = [0] * num_blocks
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of K/V storage the pool holds (used or not)."""
+        return self.num_blocks * self.block_format.bytes_per_block
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def ref_count(self, block_id: int) -> int:
+        return self._ref_counts[block_id]
+
+    def can_allocate(self, count: int) -> bool:
+        return count <= len(self._free)
+
+    def allocate(self, count: int) -> list[int]:
+        """Take `count` free blocks (reference count 1 each). Raises `CacheMemoryError` if too few are free."""
+        if count > len(self._free):
+            raise CacheMemoryError(
+                f"requested {count} blocks but only {len(self._free)} of {self.num_blocks} are free "
+                f"({self.block_size} tokens each); raise {self.capacity_hint}, or free or shorten sequences"
+            )
+        if count == 0:
+            return []
+        ids = self._free[-count:]
+        del self._free[-count:]
+        for block_id in ids:
+            self._ref_counts[block_id] = 1
+        return ids
+
+    def share(self, block_ids: Iterable[int]) -> None:
+        """Add one reference to each block (a new holder shares it, e.g. a forked sequence)."""
+        counts = self._ref_counts
+        for block_id in block_ids:
+            if counts[block_id] == 0:
+                raise CacheError(f"block {block_id} is free; only referenced blocks can be shared")
+            counts[block_id] += 1
+
+    def release(self, block_ids: Iterable[int]) -> None:
+        """Drop one reference from each block; a block whose count reaches 0 returns to the free stack."""
+        counts = self._ref_counts
+        for block_id in block_ids:
+            if counts[block_id] == 0:
+                raise CacheError(f"block {block_id} released twice (double free)")
+            counts[block_id] -= 1
+            if counts[block_id] == 0:
+                self._free.append(block_id)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy block `src` into block `dst` in every layer (copy-on-write of a shared block)."""
+        self.keys[:, dst].copy_(self.keys[:, src])
+        self.values[:, dst].copy_(self.values[:, src])
+
+    def check_invariants(self, holders: Iterable[Sequence[int]]) -> None:
+        """Raise `CacheError` unless free + referenced == capacity and each count equals its holders.
+
+        Args:
+            holders: the block-id lists of everything holding references (block tables).
+        """
+        expected = Counter(block_id for held in holders for block_id in held)
+        free = set(self._free)
+        problems = []
+        if len(free) != len(self._free):
+            problems.append("a block is on the free stack twice")
+        for block_id, count in enumerate(self._ref_counts):
+            if count != expected.get(block_id, 0):
+                problems.append(f"block {block_id}: ref count {count}, held {expected.get(block_id, 0)} times")
+            if (count == 0) != (block_id in free):
+                problems.append(f"block {block_id}: ref count {count} but free={block_id in free}")
+        if problems:
+            raise CacheError("block pool invariant violated: " + "; ".join(problems[:10]))

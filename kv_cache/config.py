@@ -1,0 +1,165 @@
+"""`KVCacheConfig`: every knob of the cache in one validated, serialisable dataclass.
+
+Each field is checked in `__post_init__`; a bad value raises `CacheValidationError` naming the field, the value
+and what is allowed. `to_dict`/`from_dict` and `to_json`/`from_json` round-trip exactly; unknown keys are an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+from kv_cache.devices import resolve_device
+from kv_cache.errors import CacheValidationError
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+MAX_BLOCK_SIZE = 1024
+
+
+class CacheStrategy(str, Enum):
+    """Which entries to drop first when the cache is over budget (blocks of the prefix cache, or tokens)."""
+
+    LRU = "lru"
+    LFU = "lfu"
+    ADAPTIVE = "adaptive"
+
+
+class CacheMode(str, Enum):
+    """`INFERENCE` stores detached tensors; `TRAINING` keeps the autograd graph through the cache."""
+
+    INFERENCE = "inference"
+    TRAINING = "training"
+
+
+def _parse_dtype(value: Any) -> torch.dtype | None:
+    if value is None or (isinstance(value, torch.dtype) and value in _DTYPES.values()):
+        return value
+    if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
+        return _DTYPES[value.removeprefix("torch.")]
+    raise CacheValidationError(
+        f"dtype={value!r} is not supported; use None (the model's dtype), torch.float32, torch.float16 or "
+        "torch.bfloat16 (or their names 'float32', 'float16', 'bfloat16')"
+    )
+
+
+def _parse_enum(name: str, enum: type[Enum], value: Any) -> Any:
+    if isinstance(value, enum):
+        return value
+    try:
+        return enum(value.lower() if isinstance(value, str) else value)
+    except ValueError:
+        allowed = ", ".join(f"{enum.__name__}.{m.name}" for m in enum)
+        raise CacheValidationError(f"{name}={value!r} is not supported; use one of {allowed}") from None
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CacheValidationError(f"{name}={value!r} must be an int")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"between {low} and {high}"
+        raise CacheValidationError(f"{name}={value} is out of range; use a value {bound}")
+
+
+@dataclass
+class KVCacheConfig:
+    """Configuration of a paged KV cache.
+
+    Attributes:
+        max_tokens: tokens one sequence may hold (its budget); appending past it raises `CacheMemoryError`.
+        block_size: tokens per block, a power of two; the unit of allocation, sharing and transfer.
+        num_blocks: blocks in the pool. None: derived from `memory_budget_mb`, or else sized on first use so that
+            every sequence of the first batch can reach `max_tokens` (plus one spare block each for copy-on-write).
+        memory_budget_mb: size the pool to this many MiB of K/V storage (all layers) instead of `num_blocks`.
+        dtype: storage dtype of keys and values. None stores them in the model's dtype (exact).
+        device: "auto" (CUDA, then MPS, then CPU), or an explicit device such as "cpu" or "cuda:0".
+        cache_strategy: which cached entries to drop first when over budget.
+        cache_mode: `CacheMode.INFERENCE` (detached, every option allowed) or `CacheMode.TRAINING`.
+        enable_profiling: time every cache operation (perf counters); reported under `get_stats()["profiling"]`.
+        history_size: how many snapshots `get_stats(include_history=True)` keeps (a ring buffer).
+    """
+
+    max_tokens: int = 4096
+    block_size: int = 16
+    num_blocks: int | None = None
+    memory_budget_mb: float | None = None
+    dtype: torch.dtype | None = None
+    device: str = "auto"
+    cache_strategy: CacheStrategy = CacheStrategy.LRU
+    cache_mode: CacheMode = CacheMode.INFERENCE
+    enable_profiling: bool = False
+    history_size: int = field(default=128)
+
+    def __post_init__(self) -> None:
+        _check_int("max_tokens", self.max_tokens, 1)
+        _check_int("block_size", self.block_size, 1, MAX_BLOCK_SIZE)
+        if self.block_size & (self.block_size - 1):
+            raise CacheValidationError(f"block_size={self.block_size} must be a power of two (1, 2, 4, ..., 1024)")
+        if self.num_blocks is not None:
+            _check_int("num_blocks", self.num_blocks, 1)
+        if self.memory_budget_mb is not None:
+            budget = self.memory_budget_mb
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
+                raise CacheValidationError(f"memory_budget_mb={budget!r} must be a finite number of MiB")
+            if budget <= 0:
+                raise CacheValidationError(f"memory_budget_mb={budget} must be > 0")
+            if self.num_blocks is not None:
+                raise CacheValidationError(
+                    f"num_blocks={self.num_blocks} and memory_budget_mb={budget} are both set; set only one of them"
+                )
+        self.dtype = _parse_dtype(self.dtype)
+        if not isinstance(self.device, (str, torch.device)):
+            raise CacheValidationError(f"device={self.device!r} must be a string such as 'auto', 'cpu', 'cuda:0'")
+        self.device = str(self.device)
+        resolve_device(self.device)  # raises CacheDeviceError for a device this machine does not have
+        self.cache_strategy = _parse_enum("cache_strategy", CacheStrategy, self.cache_strategy)
+        self.cache_mode = _parse_enum("cache_mode", CacheMode, self.cache_mode)
+        if not isinstance(self.enable_profiling, bool):
+            raise CacheValidationError(f"enable_profiling={self.enable_profiling!r} must be True or False")
+        _check_int("history_size", self.history_size, 1)
+
+    @property
+    def blocks_per_sequence(self) -> int:
+        """Blocks one sequence needs to hold `max_tokens` tokens."""
+        return -(-self.max_tokens // self.block_size)
+
+    def resolved_device(self) -> torch.device:
+        """The `torch.device` that `device` names on this machine ("auto" resolved)."""
+        return resolve_device(self.device)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-compatible dict (enums as their values, dtype as its name)."""
+        out = dataclasses.asdict(self)
+        out["dtype"] = None if self.dtype is None else str(self.dtype).removeprefix("torch.")
+        out["cache_strategy"] = self.cache_strategy.value
+        out["cache_mode"] = self.cache_mode.value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> KVCacheConfig:
+        """Build a config from `to_dict` output; unknown keys raise `CacheValidationError`."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CacheValidationError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> KVCacheConfig:
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,170 @@
+"""`KVCache`: a Hugging Face `transformers` `Cache` backed by our paged `KVStore`.
+
+    model.generate(input_ids, past_key_values=KVCache(KVCacheConfig(), model.config))
+
+One `PagedLayer` per decoder layer (the contract of `transformers.Cache`, 5.17+); all layers share one store, in
+which batch row `i` is sequence `seq_ids[i]`. `update` writes the new tokens into the row's blocks and returns
+the row's keys/values gathered from the blocks, so stock `sdpa`/`eager` attention works unchanged. Batch-wide
+operations (`reorder_cache` for beam search, `crop`, `batch_select_indices`, `batch_repeat_interleave`, `reset`)
+act once on the store: a beam that continues another shares its blocks (copy-on-write), nothing is copied.
+Sliding-window layers keep their whole history; the model's sliding mask hides what is outside the window.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kv_cache.config import KVCacheConfig
+from kv_cache.errors import CacheError, CacheValidationError
+from kv_cache.kv_store import KVStore
+from kv_cache.profiler import Profiler
+from kv_cache.stats import CacheStatsTracker, build_stats, store_gauges
+
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
+
+def attention_layer_types(model_config: PretrainedConfig) -> list[str]:
+    """The decoder's layer types (`full_attention`, `sliding_attention`, ...), from the model's config."""
+    text = model_config.get_text_config(decoder=True)
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is None:
+        if getattr(text, "sliding_window", None) is not None:
+            layer_types = ["sliding_attention"] * text.num_hidden_layers
+        else:
+            layer_types = ["full_attention"] * text.num_hidden_layers
+    unsupported = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
+    if unsupported:
+        raise CacheValidationError(
+            f"model layer types {unsupported} are not supported by KVCache; supported: {list(SUPPORTED_LAYER_TYPES)} "
+            "(linear-attention, recurrent and KV-sharing layers keep no per-token K/V we can page)"
+        )
+    return list(layer_types)
+
+
+class PagedLayer(CacheLayerMixin):
+    """One decoder layer's view of the shared store (what `transformers` calls a cache layer)."""
+
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, cache: KVCache, layer_idx: int, is_sliding: bool) -> None:
+        super().__init__()
+        self._cache = cache
+        self.layer_idx = layer_idx
+        self.is_sliding = is_sliding
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        cache = self._cache
+        if cache.seq_ids is None:
+            cache.seq_ids = [cache.store.add_sequence() for _ in range(key_states.shape[0])]
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store `[batch, kv_heads, new_tokens, head_dim]` states; return all of this layer's keys and values."""
+        cache = self._cache
+        if not self.is_initialized or cache.seq_ids is None:
+            self.lazy_initialization(key_states, value_states)
+        assert cache.seq_ids is not None
+        with cache.profiler.record("update"):
+            cached = cache.store.num_tokens(cache.seq_ids[0], self.layer_idx)
+            cache.store.append(cache.seq_ids, self.layer_idx, key_states, value_states)
+            keys, values = cache.store.read(cache.seq_ids, self.layer_idx)
+        new = key_states.shape[2]
+        cache.tracker.record_read(cached * len(cache.seq_ids), new * len(cache.seq_ids))
+        if self.layer_idx == cache.num_layers - 1:
+            cache.tracker.snapshot(store_gauges(cache.store))
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        seq_ids = self._cache.seq_ids
+        return 0 if not seq_ids else self._cache.store.num_tokens(seq_ids[0], self.layer_idx)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @property
+    def batch_size(self) -> int:
+        seq_ids = self._cache.seq_ids
+        return -1 if seq_ids is None else len(seq_ids)
+
+    def reset(self) -> None:
+        self.is_initialized = False
+
+    def _batch_wide(self, *args: Any, **kwargs: Any) -> None:
+        raise CacheError("paged layers share one store: call this method on the KVCache, not on one layer")
+
+    reorder_cache = crop = batch_repeat_interleave = batch_select_indices = offload = prefetch = _batch_wide
+
+
+class KVCache(Cache):
+    """A `transformers.Cache` whose keys and values live in the blocks of a paged `KVStore`.
+
+    Args:
+        config: the cache configuration (block size, pool size, dtype, ...). Default: `KVCacheConfig()`.
+        model_config: the model's `PretrainedConfig`; its decoder layer types decide the layers.
+    """
+
+    def __init__(self, config: KVCacheConfig | None = None, model_config: PretrainedConfig | None = None) -> None:
+        if model_config is None:
+            raise CacheValidationError("model_config is required: pass model.config so the cache knows the layers")
+        self.config = config or KVCacheConfig()
+        layer_types = attention_layer_types(model_config)
+        self.num_layers = len(layer_types)
+        self.store = KVStore(self.config, self.num_layers)
+        self.tracker = CacheStatsTracker(self.config.history_size)
+        self.profiler = Profiler(self.config.enable_profiling)
+        self.seq_ids: list[int] | None = None
+        layers = [PagedLayer(self, i, t != "full_attention") for i, t in enumerate(layer_types)]
+        super().__init__(layers=layers)
+
+    # Batch-wide operations act once on the store (the layers share its block tables).
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row `i` continues the beam `beam_idx[i]` (blocks shared, copied only when written)."""
+        self._replace_rows([int(i) for i in beam_idx.tolist()])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._replace_rows([int(i) for i in torch.as_tensor(indices).tolist()])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.seq_ids is not None:
+            self._replace_rows([row for row in range(len(self.seq_ids)) for _ in range(repeats)])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """`crop(-n)` drops the newest `n` tokens; a positive value is the legacy absolute length (5.17 callers)."""
+        if not self.seq_ids or tokens_to_remove == 0:
+            return
+        length = self.get_seq_length()
+        keep = length + tokens_to_remove if tokens_to_remove < 0 else min(tokens_to_remove, length)
+        for seq_id in self.seq_ids:
+            self.store.truncate(seq_id, max(keep, 0))
+
+    def reset(self) -> None:
+        self.store.reset()
+        self.seq_ids = None
+        for layer in self.layers:
+            layer.reset()
+
+    def get_stats(self, include_history: bool = False) -> dict[str, Any]:
+        """Tokens, blocks used/free, memory (MiB), hit rate, profiling and, if asked, the history."""
+        return build_stats(self.store, self.tracker, self.profiler, include_history)
+
+    def _replace_rows(self, sources: list[int]) -> None:
+        """Make batch row `i` a copy of old row `sources[i]` (sharing blocks), then drop the old rows."""
+        old = self.seq_ids
+        if old is None:
+            return
+        if any(not 0 <= s < len(old) for s in sources):
+            raise CacheValidationError(f"batch indices {sources} are out of range for a batch of {len(old)}")
+        self.seq_ids = [self.store.fork(old[s]) for s in sources]
+        for seq_id in old:
+            self.store.free(seq_id)

@@ -1,0 +1,69 @@
+"""BlockPool: allocation, sharing, release, copy-on-write copies, and the conservation invariant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kv_cache import BlockFormat, BlockPool, CacheError, CacheMemoryError
+
+
+def make_pool(num_blocks: int = 4) -> BlockPool:
+    fmt = BlockFormat(block_size=4, num_layers=2, kv_heads=2, head_dim=8, dtype=torch.float32)
+    return BlockPool(fmt, num_blocks, torch.device("cpu"))
+
+
+def test_allocate_release_reuses_most_recent_block() -> None:
+    pool = make_pool()
+    first = pool.allocate(2)
+    assert len(set(first)) == 2 and pool.num_free == 2 and pool.num_used == 2
+    pool.release([first[1]])
+    assert pool.allocate(1) == [first[1]]
+    pool.check_invariants([first])
+
+
+def test_exhaustion_message_names_counts_and_setting() -> None:
+    pool = make_pool(num_blocks=3)
+    pool.allocate(2)
+    with pytest.raises(CacheMemoryError, match=r"requested 2 blocks but only 1 of 3 are free.*raise num_blocks"):
+        pool.allocate(2)
+    assert pool.num_free == 1  # a failed allocation changes nothing
+
+
+def test_share_and_release_count_references() -> None:
+    pool = make_pool()
+    (block,) = pool.allocate(1)
+    pool.share([block])
+    assert pool.ref_count(block) == 2
+    pool.release([block])
+    assert pool.ref_count(block) == 1 and pool.num_free == 3
+    pool.release([block])
+    assert pool.num_free == 4
+    with pytest.raises(CacheError, match="double free"):
+        pool.release([block])
+    with pytest.raises(CacheError, match="is free"):
+        pool.share([block])
+
+
+def test_copy_block_copies_every_layer() -> None:
+    pool = make_pool()
+    src, dst = pool.allocate(2)
+    pool.keys[:, src] = torch.randn_like(pool.keys[:, src])
+    pool.values[:, src] = torch.randn_like(pool.values[:, src])
+    pool.copy_block(src, dst)
+    assert torch.equal(pool.keys[:, dst], pool.keys[:, src])
+    assert torch.equal(pool.values[:, dst], pool.values[:, src])
+
+
+def test_invariant_check_catches_a_leak() -> None:
+    pool = make_pool()
+    held = pool.allocate(2)
+    with pytest.raises(CacheError, match="ref count 1, held 0"):
+        pool.check_invariants([held[:1]])
+
+
+def test_memory_accounting() -> None:
+    pool = make_pool(num_blocks=5)
+    assert pool.block_format.bytes_per_token == 2 * 2 * 2 * 8 * 4
+    assert pool.memory_bytes == 5 * 4 * pool.block_format.bytes_per_token
+    assert pool.keys.shape == (2, 5, 4, 2, 8)

@@ -1,0 +1,117 @@
+"""The seed's public names: BaseKVCache.forward, AdaptiveKVCache, PagedKVCache pages, get_stats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kv_cache import (
+    AdaptiveKVCache,
+    BaseKVCache,
+    CacheMemoryError,
+    CacheStrategy,
+    CacheValidationError,
+    KVCacheConfig,
+    PagedKVCache,
+)
+
+
+def states(batch: int, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 2, tokens, 8, generator=gen), torch.randn(batch, 2, tokens, 8, generator=gen)
+
+
+def test_forward_returns_everything_cached() -> None:
+    cache = BaseKVCache(KVCacheConfig(max_tokens=64, block_size=4, enable_profiling=True))
+    k1, v1 = states(2, 5, 0)
+    keys, values, info = cache.forward(k1, v1, cache_position=0)
+    assert torch.equal(keys, k1) and torch.equal(values, v1)
+    assert info == {"cache_position": 0, "seq_length": 5, "cached_tokens": 0, "new_tokens": 5}
+    k2, v2 = states(2, 1, 1)
+    keys, values, info = cache.forward(k2, v2, cache_position=torch.tensor([5]))
+    assert torch.equal(keys, torch.cat([k1, k2], 2)) and info["cached_tokens"] == 5
+    stats = cache.get_stats(include_history=True)
+    assert stats["tokens"] == 12 and stats["sequences"] == 2
+    assert stats["hit_rate"] == pytest.approx(10 / 22)
+    assert stats["storage_memory_mb"] > 0 and stats["blocks_used"] == 4
+    assert len(stats["history"]) == 2 and stats["history"][-1]["tokens"] == 12
+    assert stats["profiling"]["forward"]["count"] == 2
+
+
+def test_rewriting_from_an_earlier_position() -> None:
+    cache = BaseKVCache(KVCacheConfig(block_size=4))
+    k1, v1 = states(1, 6, 2)
+    cache.forward(k1, v1)
+    k2, v2 = states(1, 3, 3)
+    keys, _, info = cache.forward(k2, v2, cache_position=2)
+    assert torch.equal(keys, torch.cat([k1[:, :, :2], k2], 2)) and info["seq_length"] == 5
+    cache.store.check_invariants()
+
+
+@pytest.mark.parametrize(
+    ("position", "message"),
+    [
+        (7, "cache_position=7 is out of range"),
+        (-1, "cache_position=-1"),
+        (1.5, "must be an int"),
+        (torch.tensor([3, 5]), "consecutive"),
+        (torch.zeros(2, 2), "shape"),
+    ],
+)
+def test_bad_positions_raise_and_keep_the_cache(position: object, message: str) -> None:
+    cache = BaseKVCache(KVCacheConfig(block_size=4))
+    k1, v1 = states(1, 6, 4)
+    cache.forward(k1, v1)
+    k2, v2 = states(1, 2, 5)
+    with pytest.raises(CacheValidationError, match=message):
+        cache.forward(k2, v2, cache_position=position)  # type: ignore[arg-type]
+    assert cache.seq_length == 6
+
+
+def test_bad_tensor_does_not_truncate() -> None:
+    cache = BaseKVCache(KVCacheConfig(block_size=4))
+    k1, v1 = states(1, 6, 6)
+    cache.forward(k1, v1)
+    with pytest.raises(CacheValidationError, match="KV heads"):
+        cache.forward(torch.zeros(1, 3, 1, 8), torch.zeros(1, 3, 1, 8), cache_position=2)
+    assert cache.seq_length == 6
+
+
+def test_budget_exceeded_raises_memory_error() -> None:
+    cache = BaseKVCache(KVCacheConfig(max_tokens=8, block_size=4))
+    with pytest.raises(CacheMemoryError, match="max_tokens=8"):
+        cache.forward(*states(1, 9, 7))
+
+
+def test_adaptive_cache_uses_the_adaptive_strategy() -> None:
+    cache = AdaptiveKVCache(KVCacheConfig(max_tokens=32, cache_strategy=CacheStrategy.LRU))
+    assert cache.config.cache_strategy is CacheStrategy.ADAPTIVE and cache.config.max_tokens == 32
+    keys, _, _ = cache.forward(*states(1, 3, 8))
+    assert keys.shape == (1, 2, 3, 8)
+
+
+def test_paged_cache_pages_and_page_stats() -> None:
+    cache = PagedKVCache(KVCacheConfig(max_tokens=32, block_size=4))
+    k1, v1 = states(1, 6, 9)
+    cache.forward(k1, v1)
+    seq = cache.seq_ids[0]
+    first, second = cache.store.block_ids(seq)
+    page = cache.get_page(first)
+    assert page["ref_count"] == 1 and page["sequences"] == [seq] and page["tokens"] == 4
+    assert torch.equal(page["keys"], k1[0, :, :4].transpose(0, 1))
+    assert cache.get_page(second)["tokens"] == 2
+    stats = cache.get_page_stats()
+    assert stats["pages_used"] == 2 and stats["fragmentation"] == pytest.approx(2 / 8)
+    free_page = next(p for p in range(stats["pages_total"]) if p not in (first, second))
+    assert cache.get_page(free_page)["keys"] is None
+    with pytest.raises(CacheValidationError, match="out of range"):
+        cache.get_page(10_000)
+
+
+def test_reset_frees_every_block() -> None:
+    cache = PagedKVCache(KVCacheConfig(block_size=4))
+    cache.forward(*states(3, 9, 10))
+    cache.reset()
+    assert cache.get_page_stats()["pages_used"] == 0 and cache.seq_length == 0
+    keys, _, _ = cache.forward(*states(1, 2, 11))
+    assert keys.shape[2] == 2
