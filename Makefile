@@ -21,8 +21,8 @@ demo: $(STAMP)
 	$(PY) -m kv_cache.demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check kv_cache tests benchmarks
-	$(VENV)/bin/ruff format --check kv_cache tests benchmarks
+	$(VENV)/bin/ruff check kv_cache tests benchmarks scripts
+	$(VENV)/bin/ruff format --check kv_cache tests benchmarks scripts
 	$(VENV)/bin/mypy
 
 bench: $(STAMP)

@@ -13,6 +13,7 @@ from kv_cache.errors import CacheDeviceError, CacheError, CacheMemoryError, Cach
 from kv_cache.hf_cache import KVCache
 from kv_cache.kv_store import KVStore
 from kv_cache.profiler import Profiler
+from kv_cache.quantizer import Quantizer
 from kv_cache.seed_api import AdaptiveKVCache, BaseKVCache, PagedKVCache
 from kv_cache.stats import CacheStatsTracker
 
@@ -36,6 +37,7 @@ __all__ = [
     "KVStore",
     "PagedKVCache",
     "Profiler",
+    "Quantizer",
     "available_devices",
     "resolve_device",
 ]

@@ -1,16 +1,13 @@
-"""`BlockPool`: preallocated K/V storage for every layer, and the allocator of its blocks.
+"""`BlockPool`: preallocated storage for blocks of one `BlockFormat`, and the allocator of its block ids.
 
-Layout (vLLM's "NHD"): one tensor for keys and one for values,
-
-    keys, values: [num_layers, num_blocks, block_size, kv_heads, head_dim]
-
-A block id names the same `[block_size, kv_heads, head_dim]` slab in every layer, so a block is the unit of
-allocation, sharing and transfer for all layers at once. Token `t` of a sequence lives in block
-`block_table[t // block_size]` at offset `t % block_size`.
+Storage is one entry per layer (see `block_format` for the tensors: full-precision `[num_blocks, block_size,
+kv_heads, head_dim]` keys/values, vLLM's "NHD" layout, or packed codes with fp16 scales). A block id names the same
+slab in every layer, so a block is the unit of allocation, sharing and transfer for all layers at once. Token `t`
+of a sequence lives in block `block_table[t // block_size]` at offset `t % block_size`.
 
 Allocation is O(1) per block: free ids sit on a stack (the most recently freed block is reused first, so it is
 likely still in cache). Every block is either free (reference count 0, on the stack) or referenced (count >= 1,
-one per block table holding it); `check_invariants` verifies that conservation law against the holders.
+one per holder); `check_invariants` verifies that conservation law against the holders.
 """
 
 from __future__ import annotations
@@ -20,7 +17,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from kv_cache.block_format import BlockFormat
+from kv_cache.block_format import BlockFormat, DenseBlocks, LayerBlocks, QuantizedBlocks
 from kv_cache.errors import CacheError, CacheMemoryError
 
 
@@ -42,22 +39,31 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.block_size = fmt.block_size
         self.capacity_hint = capacity_hint
-        storage_shape = (fmt.num_layers, num_blocks, fmt.block_size, fmt.kv_heads, fmt.head_dim)
         try:
-            # Zero-filled, not `empty`: the memory is really committed now (no page faults on first append).
-            self.keys = torch.zeros(storage_shape, dtype=fmt.dtype, device=device)
-            self.values = torch.zeros(storage_shape, dtype=fmt.dtype, device=device)
+            # Zero-filled, not `empty`: the memory is committed now (no page faults on the first appends).
+            self.layers: list[LayerBlocks] = fmt.allocate(num_blocks, device)
         except torch.OutOfMemoryError as exc:
             raise CacheMemoryError(
                 f"could not allocate {num_blocks} blocks ({num_blocks * fmt.bytes_per_block / 2**20:.1f} MiB) "
                 f"on {device}; lower {capacity_hint}"
             ) from exc
-        # Per-layer views with one row per token slot: slot = block_id * block_size + offset.
-        slots_shape = (fmt.num_layers, num_blocks * fmt.block_size, fmt.kv_heads, fmt.head_dim)
-        self.key_slots = self.keys.view(slots_shape)
-        self.value_slots = self.values.view(slots_shape)
+        self.device = device
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._ref_counts: list[int] = [0] * num_blocks
+
+    def dense(self, layer: int) -> DenseBlocks:
+        """The full-precision storage of `layer` (this pool's format must be full precision)."""
+        blocks = self.layers[layer]
+        if not isinstance(blocks, DenseBlocks):
+            raise CacheError(f"layer {layer} of this pool is quantized, not full precision")
+        return blocks
+
+    def quantized(self, layer: int) -> QuantizedBlocks:
+        """The quantized storage of `layer` (this pool's format must be quantized)."""
+        blocks = self.layers[layer]
+        if not isinstance(blocks, QuantizedBlocks):
+            raise CacheError(f"layer {layer} of this pool is full precision, not quantized")
+        return blocks
 
     @property
     def memory_bytes(self) -> int:
@@ -113,8 +119,9 @@ class BlockPool:
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy block `src` into block `dst` in every layer (copy-on-write of a shared block)."""
-        self.keys[:, dst].copy_(self.keys[:, src])
-        self.values[:, dst].copy_(self.values[:, src])
+        for layer in self.layers:
+            for tensor in layer.tensors():
+                tensor[dst].copy_(tensor[src])
 
     def check_invariants(self, holders: Iterable[Sequence[int]]) -> None:
         """Raise `CacheError` unless free + referenced == capacity and each count equals its holders.

@@ -1,9 +1,17 @@
 """`BlockTable`: which pool blocks hold a sequence's tokens, in order, and how far each layer has written.
 
-    token t  ->  block_ids[t // block_size], offset t % block_size
+Logical block `i` covers tokens `[i * block_size, (i + 1) * block_size)`. Without quantization every logical block
+is a full-precision block, `dense_blocks[i]`. With quantization a sequence is split at a block boundary:
 
-Layers write one after another within a model step (layer 0 first), so each layer keeps its own length; the
-sequence's length is the longest of them. Blocks are shared by all layers (see `block_pool`).
+    logical block:   0   1   2   3 | 4   5   6
+    stored in:       quantized_ids | dense_blocks {4: id, 5: id, 6: id}  (full precision)
+                     (the oldest)  | (the newest `residual_tokens` or more, still exact)
+
+Layers write one after another within a model step (layer 0 first), so each layer keeps its own length and its
+own sealed (quantized) length; blocks are shared by all layers (see `block_pool`), so a full-precision block is
+released only once every layer has sealed it. `dense_blocks` maps logical index to block id because, within a
+step, a long chunk sealed at once by layer 0 never passes through full precision while the later layers still
+read their older tail: the logical indices held in full precision need not be contiguous.
 """
 
 from __future__ import annotations
@@ -18,19 +26,76 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
 
 @dataclass
 class BlockTable:
-    """A sequence's block ids (oldest first) and the number of tokens written per layer."""
+    """A sequence's blocks and per-layer lengths (tokens written, tokens sealed into quantized blocks)."""
 
     layer_lengths: list[int]
-    block_ids: list[int] = field(default_factory=list)
+    layer_sealed: list[int]
+    dense_blocks: dict[int, int] = field(default_factory=dict)
+    quantized_ids: list[int] = field(default_factory=list)
 
     @classmethod
     def empty(cls, num_layers: int) -> BlockTable:
-        return cls(layer_lengths=[0] * num_layers)
+        return cls(layer_lengths=[0] * num_layers, layer_sealed=[0] * num_layers)
 
     @property
     def num_tokens(self) -> int:
         """Tokens of the sequence (the furthest any layer has written)."""
         return max(self.layer_lengths)
 
+    @property
+    def block_ids(self) -> list[int]:
+        """The full-precision block ids, oldest first."""
+        return list(self.dense_blocks.values())
+
     def copy(self) -> BlockTable:
-        return BlockTable(layer_lengths=list(self.layer_lengths), block_ids=list(self.block_ids))
+        return BlockTable(
+            layer_lengths=list(self.layer_lengths),
+            layer_sealed=list(self.layer_sealed),
+            dense_blocks=dict(self.dense_blocks),
+            quantized_ids=list(self.quantized_ids),
+        )
+
+
+@dataclass
+class WritePlan:
+    """Where `append` puts one sequence's new tokens in one layer, and what it must allocate first.
+
+    Tokens `[start, end)` arrive; afterwards the layer holds `[0, seal_to)` in quantized blocks (sealing tokens
+    `[sealed, seal_to)`) and `[dense_from, end)` in full-precision blocks.
+    """
+
+    start: int
+    end: int
+    sealed: int
+    seal_to: int
+    dense_from: int
+    new_dense: list[int]  # logical blocks that need a full-precision block
+    overwritten: list[int]  # logical full-precision blocks that exist already and receive tokens
+    new_sealed: int  # quantized blocks to allocate
+
+
+def plan_append(table: BlockTable, layer: int, count: int, block_size: int, seal_to: int) -> WritePlan:
+    """Plan appending `count` tokens to `layer` of `table`, sealing up to `seal_to` tokens."""
+    start = table.layer_lengths[layer]
+    end = start + count
+    dense_from = max(start, seal_to)
+    written = range(dense_from // block_size, blocks_needed(end, block_size)) if dense_from < end else range(0)
+    return WritePlan(
+        start=start,
+        end=end,
+        sealed=table.layer_sealed[layer],
+        seal_to=seal_to,
+        dense_from=dense_from,
+        new_dense=[logical for logical in written if logical not in table.dense_blocks],
+        overwritten=[logical for logical in written if logical in table.dense_blocks],
+        new_sealed=max(0, seal_to // block_size - len(table.quantized_ids)),
+    )
+
+
+@dataclass
+class SealBatch:
+    """Tables of one layer whose plans seal blocks now."""
+
+    layer: int
+    tables: list[BlockTable]
+    plans: list[WritePlan]

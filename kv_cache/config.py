@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -28,6 +28,9 @@ _DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
 }
 MAX_BLOCK_SIZE = 1024
+FULL_PRECISION_BLOCK_SIZE = 16
+QUANTIZED_BLOCK_SIZE = 64  # the key quantization group: keys share a scale per channel over one block
+QUANTIZATION_BITS = (2, 4, 8)
 
 
 class CacheStrategy(str, Enum):
@@ -80,7 +83,9 @@ class KVCacheConfig:
 
     Attributes:
         max_tokens: tokens one sequence may hold (its budget); appending past it raises `CacheMemoryError`.
-        block_size: tokens per block, a power of two; the unit of allocation, sharing and transfer.
+        block_size: tokens per block, a power of two; the unit of allocation, sharing and transfer. None picks 16,
+            or 64 with quantization (keys are quantized per channel over one block, and a group of 64 tokens keeps
+            the scales' overhead at 1/16 byte per element).
         num_blocks: blocks in the pool. None: derived from `memory_budget_mb`, or else sized on first use so that
             every sequence of the first batch can reach `max_tokens` (plus one spare block each for copy-on-write).
         memory_budget_mb: size the pool to this many MiB of K/V storage (all layers) instead of `num_blocks`.
@@ -90,10 +95,20 @@ class KVCacheConfig:
         cache_mode: `CacheMode.INFERENCE` (detached, every option allowed) or `CacheMode.TRAINING`.
         enable_profiling: time every cache operation (perf counters); reported under `get_stats()["profiling"]`.
         history_size: how many snapshots `get_stats(include_history=True)` keeps (a ring buffer).
+        use_quantization: store blocks older than the `residual_tokens` newest tokens as packed integer codes
+            (KIVI: keys per channel over a block, values per token over `quantization_group_size` channels).
+        quantization_bits: 8, 4 or 2 bits per element.
+        quantization_group_size: channels sharing one value scale/zero (head_dim if smaller).
+        residual_tokens: the newest tokens kept in full precision (a multiple of `block_size`; KIVI uses 128).
+        layer_bits: per-layer bit widths overriding `quantization_bits`, e.g. `{0: 8, -1: 8}` keeps the first and
+            last layers at 8 bits; negative indices count from the last layer.
+        check_finite: with quantization, reject NaN/Inf keys or values when they are appended (one device sync per
+            call on a GPU). False skips the check: a non-finite value then raises when its block is sealed, and
+            that sequence cannot grow past it; nothing non-finite is ever stored in a quantized block.
     """
 
     max_tokens: int = 4096
-    block_size: int = 16
+    block_size: int | None = None
     num_blocks: int | None = None
     memory_budget_mb: float | None = None
     dtype: torch.dtype | None = None
@@ -101,10 +116,20 @@ class KVCacheConfig:
     cache_strategy: CacheStrategy = CacheStrategy.LRU
     cache_mode: CacheMode = CacheMode.INFERENCE
     enable_profiling: bool = False
-    history_size: int = field(default=128)
+    history_size: int = 128
+    use_quantization: bool = False
+    quantization_bits: int = 4
+    quantization_group_size: int = 64
+    residual_tokens: int = 128
+    layer_bits: dict[int, int] | None = field(default=None)
+    check_finite: bool = True
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, 1)
+        if not isinstance(self.use_quantization, bool):
+            raise CacheValidationError(f"use_quantization={self.use_quantization!r} must be True or False")
+        if self.block_size is None:
+            self.block_size = QUANTIZED_BLOCK_SIZE if self.use_quantization else FULL_PRECISION_BLOCK_SIZE
         _check_int("block_size", self.block_size, 1, MAX_BLOCK_SIZE)
         if self.block_size & (self.block_size - 1):
             raise CacheValidationError(f"block_size={self.block_size} must be a power of two (1, 2, 4, ..., 1024)")
@@ -130,11 +155,61 @@ class KVCacheConfig:
         if not isinstance(self.enable_profiling, bool):
             raise CacheValidationError(f"enable_profiling={self.enable_profiling!r} must be True or False")
         _check_int("history_size", self.history_size, 1)
+        self._check_quantization()
+
+    def _check_quantization(self) -> None:
+        for name, bits in [("quantization_bits", self.quantization_bits), *self._layer_bit_items()]:
+            if bits not in QUANTIZATION_BITS or isinstance(bits, bool):
+                raise CacheValidationError(f"{name}={bits!r} is not supported; use 2, 4 or 8")
+        _check_int("quantization_group_size", self.quantization_group_size, 1)
+        if not isinstance(self.check_finite, bool):
+            raise CacheValidationError(f"check_finite={self.check_finite!r} must be True or False")
+        _check_int("residual_tokens", self.residual_tokens, 0)
+        if self.use_quantization and self.residual_tokens % self.tokens_per_block:
+            raise CacheValidationError(
+                f"residual_tokens={self.residual_tokens} must be a multiple of block_size={self.block_size}"
+            )
+        if self.use_quantization and self.cache_mode is CacheMode.TRAINING:
+            raise CacheValidationError(
+                "use_quantization=True is a lossy option, refused with cache_mode=CacheMode.TRAINING; "
+                "use CacheMode.INFERENCE or turn quantization off"
+            )
+
+    def _layer_bit_items(self) -> list[tuple[str, Any]]:
+        if self.layer_bits is None:
+            return []
+        if not isinstance(self.layer_bits, dict):
+            raise CacheValidationError(f"layer_bits={self.layer_bits!r} must be a dict {{layer index: bits}} or None")
+        # JSON turns int keys into strings: accept "3" as layer 3.
+        try:
+            self.layer_bits = {int(layer): bits for layer, bits in self.layer_bits.items()}
+        except (TypeError, ValueError):
+            raise CacheValidationError(f"layer_bits={self.layer_bits!r} keys must be layer indices") from None
+        return [(f"layer_bits[{layer}]", bits) for layer, bits in self.layer_bits.items()]
+
+    def bits_per_layer(self, num_layers: int) -> tuple[int, ...] | None:
+        """Bit width of each of `num_layers` layers, or None without quantization.
+
+        Raises `CacheValidationError` if `layer_bits` names a layer the model does not have.
+        """
+        if not self.use_quantization:
+            return None
+        bits = [self.quantization_bits] * num_layers
+        for layer, width in (self.layer_bits or {}).items():
+            if not -num_layers <= layer < num_layers:
+                raise CacheValidationError(f"layer_bits names layer {layer}; the model has {num_layers} layers")
+            bits[layer] = width
+        return tuple(bits)
+
+    @property
+    def tokens_per_block(self) -> int:
+        """`block_size` as an int (`__post_init__` resolves None)."""
+        return cast(int, self.block_size)
 
     @property
     def blocks_per_sequence(self) -> int:
         """Blocks one sequence needs to hold `max_tokens` tokens."""
-        return -(-self.max_tokens // self.block_size)
+        return -(-self.max_tokens // self.tokens_per_block)
 
     def resolved_device(self) -> torch.device:
         """The `torch.device` that `device` names on this machine ("auto" resolved)."""

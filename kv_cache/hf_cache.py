@@ -125,6 +125,9 @@ class KVCache(Cache):
         self.profiler = Profiler(self.config.enable_profiling)
         self.seq_ids: list[int] | None = None
         layers = [PagedLayer(self, i, t != "full_attention") for i, t in enumerate(layer_types)]
+        for layer in layers:
+            # Cutting into sealed blocks dequantizes them: crop cannot restore the exact earlier state.
+            layer.is_croppable = not self.config.use_quantization
         super().__init__(layers=layers)
 
     # Batch-wide operations act once on the store (the layers share its block tables).
@@ -154,9 +157,9 @@ class KVCache(Cache):
         for layer in self.layers:
             layer.reset()
 
-    def get_stats(self, include_history: bool = False) -> dict[str, Any]:
+    def get_stats(self, include_history: bool = False, include_quantization_error: bool = False) -> dict[str, Any]:
         """Tokens, blocks used/free, memory (MiB), hit rate, profiling and, if asked, the history."""
-        return build_stats(self.store, self.tracker, self.profiler, include_history)
+        return build_stats(self.store, self.tracker, self.profiler, include_history, include_quantization_error)
 
     def _replace_rows(self, sources: list[int]) -> None:
         """Make batch row `i` a copy of old row `sources[i]` (sharing blocks), then drop the old rows."""

@@ -1,34 +1,40 @@
-"""`KVStore`: the block tables of many sequences over one `BlockPool`.
+"""`KVStore`: the block tables of many sequences over preallocated block pools.
 
 It is the one place that writes and reads a sequence's tokens: `append` finds (or allocates) the slots for new
 tokens and copies them in, `read` gathers what attention needs, `fork` shares every block with a new sequence,
 and a write into a shared block first copies it (copy-on-write). Every public method takes the store's lock, so
 threads may share one store.
 
+With quantization there are two pools: `quantized_pool` holds sealed blocks (packed codes), `pool` the
+full-precision tail of each sequence (its newest `residual_tokens` tokens or more); `sealing.Sealer` moves blocks
+from one to the other as they age out of the window.
+
 Inputs and outputs use Hugging Face's layout: `[batch, kv_heads, tokens, head_dim]`, one row per sequence id.
 """
 
 from __future__ import annotations
 
+import math
 import threading
-from collections import Counter
 from collections.abc import Sequence
 
 import torch
 
 from kv_cache.block_format import BlockFormat
+from kv_cache.block_io import token_rows, write_dense
 from kv_cache.block_pool import BlockPool
-from kv_cache.block_table import BlockTable, blocks_needed
+from kv_cache.block_table import BlockTable, SealBatch, WritePlan, blocks_needed, plan_append
 from kv_cache.config import CacheMode, KVCacheConfig
 from kv_cache.errors import CacheMemoryError, CacheValidationError
+from kv_cache.sealing import Sealer
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class KVStore:
-    """Sequences of key/value tokens for `num_layers` layers, stored in blocks of one preallocated pool.
+    """Sequences of key/value tokens for `num_layers` layers, stored in blocks of preallocated pools.
 
-    The pool is created by `initialize`, or lazily by the first `append` from the shapes it sees.
+    The pools are created by `initialize`, or lazily by the first `append` from the shapes it sees.
     """
 
     def __init__(self, config: KVCacheConfig, num_layers: int) -> None:
@@ -41,43 +47,66 @@ class KVStore:
             )
         self.config = config
         self.num_layers = num_layers
+        self.block_size = config.tokens_per_block
+        self.layer_bits = config.bits_per_layer(num_layers)
         self.pool: BlockPool | None = None
+        self.quantized_pool: BlockPool | None = None
+        self.sealer: Sealer | None = None
         self.model_dtype: torch.dtype | None = None
         self._tables: dict[int, BlockTable] = {}
         self._next_id = 0
         self._lock = threading.RLock()
         self._version = 0  # bumped whenever a block id list changes; keys the block-table tensor cache
-        self._table_cache: dict[tuple[tuple[int, ...], int], tuple[int, torch.Tensor]] = {}
+        self._table_cache: dict[tuple[object, ...], tuple[int, torch.Tensor]] = {}
         self._read_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------------------------------------- setup
     def initialize(
         self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, batch_size: int
     ) -> None:
-        """Allocate the pool for tokens of `kv_heads` x `head_dim` in `dtype` on `device`.
+        """Allocate the pools for tokens of `kv_heads` x `head_dim` from a model computing in `dtype`.
 
-        Without `num_blocks` or `memory_budget_mb` in the config, the pool holds `batch_size` sequences of
-        `max_tokens` tokens, plus one spare block per sequence for copy-on-write.
+        Without `num_blocks` or `memory_budget_mb` in the config, the pools hold `batch_size` sequences of
+        `max_tokens` tokens, plus one spare block per sequence for copy-on-write. With quantization the
+        full-precision tail pool holds `batch_size` windows of `residual_tokens` plus three blocks (the block
+        being filled, the one being sealed, and one spare), and the rest of a memory budget goes to sealed blocks.
         """
         with self._lock:
             if self.pool is not None:
                 return
             config = self.config
-            fmt = BlockFormat(config.block_size, self.num_layers, kv_heads, head_dim, config.dtype or dtype)
-            if config.num_blocks is not None:
-                num_blocks, hint = config.num_blocks, "num_blocks"
-            elif config.memory_budget_mb is not None:
-                num_blocks, hint = int(config.memory_budget_mb * 2**20 // fmt.bytes_per_block), "memory_budget_mb"
-                if num_blocks < 1:
-                    raise CacheMemoryError(
-                        f"memory_budget_mb={config.memory_budget_mb} holds no block of {fmt.describe()}; "
-                        f"raise memory_budget_mb to at least {fmt.bytes_per_block / 2**20:.3f}"
-                    )
+            dense = BlockFormat(self.block_size, self.num_layers, kv_heads, head_dim, config.dtype or dtype)
+            if self.layer_bits is None:
+                num_blocks, hint = self._pool_size(dense, batch_size * (config.blocks_per_sequence + 1), 0)
+                self.pool = BlockPool(dense, num_blocks, device, capacity_hint=hint)
             else:
-                num_blocks = batch_size * (config.blocks_per_sequence + 1)
-                hint = "num_blocks (or max_tokens)"
-            self.pool = BlockPool(fmt, num_blocks, device, capacity_hint=hint)
+                tail_blocks = batch_size * (config.residual_tokens // self.block_size + 3)
+                tail_hint = "the batch size of the first call (the tail pool is sized from it) or residual_tokens"
+                self.pool = BlockPool(dense, tail_blocks, device, capacity_hint=tail_hint)
+                sealed = BlockFormat(
+                    self.block_size, self.num_layers, kv_heads, head_dim, dtype,
+                    layer_bits=self.layer_bits, group_size=config.quantization_group_size,
+                )  # fmt: skip
+                count, hint = self._pool_size(sealed, batch_size * config.blocks_per_sequence, self.pool.memory_bytes)
+                self.quantized_pool = BlockPool(sealed, count, device, capacity_hint=hint)
+                self.sealer = Sealer(self.pool, self.quantized_pool, config.residual_tokens)
             self.model_dtype = dtype
+
+    def _pool_size(self, fmt: BlockFormat, default: int, reserved_bytes: int) -> tuple[int, str]:
+        """Blocks of `fmt` in the pool and the config field that sets it (for error messages)."""
+        config = self.config
+        if config.num_blocks is not None:
+            return config.num_blocks, "num_blocks"
+        if config.memory_budget_mb is None:
+            return default, "num_blocks (or max_tokens)"
+        count = int((config.memory_budget_mb * 2**20 - reserved_bytes) // fmt.bytes_per_block)
+        if count < 1:
+            raise CacheMemoryError(
+                f"memory_budget_mb={config.memory_budget_mb} holds no block of {fmt.describe()} after "
+                f"{reserved_bytes / 2**20:.3f} MiB of full-precision tail; raise memory_budget_mb to at least "
+                f"{(reserved_bytes + fmt.bytes_per_block) / 2**20:.3f}"
+            )
+        return count, "memory_budget_mb"
 
     # ------------------------------------------------------------------------------------------- sequences
     def add_sequence(self) -> int:
@@ -94,6 +123,8 @@ class KVStore:
             table = self._table(seq_id).copy()
             if self.pool is not None:
                 self.pool.share(table.block_ids)
+            if self.quantized_pool is not None:
+                self.quantized_pool.share(table.quantized_ids)
             new_id = self._next_id
             self._next_id += 1
             self._tables[new_id] = table
@@ -104,25 +135,34 @@ class KVStore:
         with self._lock:
             table = self._table(seq_id)
             del self._tables[seq_id]
-            if self.pool is not None and table.block_ids:
+            if self.pool is not None:
                 self.pool.release(table.block_ids)
-                self._version += 1
+            if self.quantized_pool is not None:
+                self.quantized_pool.release(table.quantized_ids)
+            self._version += 1
 
     def truncate(self, seq_id: int, num_tokens: int) -> None:
-        """Keep only the first `num_tokens` tokens of a sequence (in every layer) and release emptied blocks."""
+        """Keep only the first `num_tokens` tokens of a sequence (in every layer) and release emptied blocks.
+
+        Cutting inside a sealed block turns its kept tokens back into a full-precision block (dequantized).
+        """
         with self._lock:
-            if num_tokens < 0:
-                raise CacheValidationError(f"num_tokens={num_tokens} must be >= 0")
+            if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+                raise CacheValidationError(f"num_tokens={num_tokens!r} must be an int >= 0")
             table = self._table(seq_id)
+            if num_tokens >= table.num_tokens:
+                return
+            if self.sealer is not None and max(table.layer_sealed) > num_tokens:
+                self.sealer.unseal(table, num_tokens)
             table.layer_lengths = [min(length, num_tokens) for length in table.layer_lengths]
-            keep = blocks_needed(table.num_tokens, self.config.block_size)
-            if self.pool is not None and len(table.block_ids) > keep:
-                self.pool.release(table.block_ids[keep:])
-                del table.block_ids[keep:]
-                self._version += 1
+            keep = blocks_needed(table.num_tokens, self.block_size)
+            dropped = [logical for logical in table.dense_blocks if logical >= keep]
+            if self.pool is not None and dropped:
+                self.pool.release(table.dense_blocks.pop(logical) for logical in dropped)
+            self._version += 1
 
     def reset(self) -> None:
-        """Free every sequence (the pool stays allocated)."""
+        """Free every sequence (the pools stay allocated)."""
         with self._lock:
             for seq_id in list(self._tables):
                 self.free(seq_id)
@@ -133,9 +173,24 @@ class KVStore:
             table = self._table(seq_id)
             return table.num_tokens if layer is None else table.layer_lengths[layer]
 
-    def block_ids(self, seq_id: int) -> list[int]:
+    def num_sealed(self, seq_id: int, layer: int) -> int:
+        """Tokens of a sequence held in quantized blocks in `layer`."""
         with self._lock:
-            return list(self._table(seq_id).block_ids)
+            return self._table(seq_id).layer_sealed[layer]
+
+    def block_ids(self, seq_id: int) -> list[int]:
+        """The full-precision block ids of a sequence, oldest first."""
+        with self._lock:
+            return self._table(seq_id).block_ids
+
+    def dense_blocks(self, seq_id: int) -> dict[int, int]:
+        """`{logical block: full-precision block id}` of a sequence."""
+        with self._lock:
+            return dict(self._table(seq_id).dense_blocks)
+
+    def quantized_block_ids(self, seq_id: int) -> list[int]:
+        with self._lock:
+            return list(self._table(seq_id).quantized_ids)
 
     @property
     def sequence_ids(self) -> list[int]:
@@ -156,32 +211,31 @@ class KVStore:
             key, value = key.detach(), value.detach()  # the cache stores values, never autograd history
             if self.pool is None:
                 self.initialize(key.shape[1], key.shape[3], key.dtype, key.device, len(seq_ids))
-            pool = self.pool
-            assert pool is not None
+            if key.shape[2] == 0:
+                return
             tables = [self._table(s) for s in seq_ids]
             count = key.shape[2]
-            if count == 0:
-                return
-            self._make_writable(tables, layer, count)
-            block_size = self.config.block_size
-            start = tables[0].layer_lengths[layer]
-            if len(tables) == 1 and start // block_size == (start + count - 1) // block_size:
-                # One run inside one block: a single contiguous copy, no index tensor.
-                slot = tables[0].block_ids[start // block_size] * block_size + start % block_size
-                pool.key_slots[layer].narrow(0, slot, count).copy_(key[0].transpose(0, 1))
-                pool.value_slots[layer].narrow(0, slot, count).copy_(value[0].transpose(0, 1))
-            else:
-                slots = torch.tensor(self._slots(tables, layer, count), device=key.device)
-                rows = key.shape[0] * count
-                flat_key = key.transpose(1, 2).reshape(rows, key.shape[1], key.shape[3])
-                flat_value = value.transpose(1, 2).reshape(rows, key.shape[1], key.shape[3])
-                pool.key_slots[layer].index_copy_(0, slots, flat_key.to(pool.keys.dtype))
-                pool.value_slots[layer].index_copy_(0, slots, flat_value.to(pool.values.dtype))
-            for table in tables:
-                table.layer_lengths[layer] += count
+            sealer = self.sealer
+            plans = [
+                plan_append(t, layer, count, self.block_size, sealer.target(t, layer, count) if sealer else 0)
+                for t in tables
+            ]
+            rows = (token_rows(key), token_rows(value))
+            seals = sealer.plan(tables, plans, layer) if sealer else []
+            self._check_capacity(tables, plans, seals)
+            if seals and sealer:
+                sealer.seal(seals, layer, rows)
+                self._version += 1
+                for table in tables:
+                    self._release_sealed(table)
+            self._allocate_dense(tables, plans)
+            assert self.pool is not None
+            write_dense(self.pool.dense(layer), tables, plans, rows)
+            for table, plan in zip(tables, plans, strict=True):
+                table.layer_lengths[layer] = plan.end
 
     def read(self, seq_ids: Sequence[int], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the sequences in `layer`, oldest first, for attention.
+        """Keys and values of the sequences in `layer`, oldest first, for attention (dequantized if sealed).
 
         All sequences must hold the same number of tokens in `layer`. Returns two `[batch, kv_heads, tokens,
         head_dim]` tensors in the model's dtype. They are views of one workspace that the next `read` (of any
@@ -192,35 +246,46 @@ class KVStore:
             lengths = {t.layer_lengths[layer] for t in tables}
             if len(lengths) != 1:
                 raise CacheValidationError(
-                    f"read needs sequences of equal length in layer {layer}; got {sorted(lengths)}"
+                    f"read needs sequences of equal length in layer {layer}; got lengths {sorted(lengths)}"
                 )
             length = lengths.pop()
-            pool = self.pool
-            if pool is None or length == 0:
+            if self.pool is None or length == 0:
                 raise CacheValidationError(f"layer {layer} of sequences {list(seq_ids)} holds no tokens yet")
-            num_blocks = blocks_needed(length, self.config.block_size)
-            table = self.block_table_tensor(seq_ids, num_blocks).flatten()
-            gathered = (table.numel(), *pool.keys.shape[2:])
-            key_out, value_out = self._workspace(gathered[0] * pool.keys[0, 0].numel())
-            torch.index_select(pool.keys[layer], 0, table, out=key_out.view(gathered))
-            torch.index_select(pool.values[layer], 0, table, out=value_out.view(gathered))
-            shape = (len(tables), num_blocks * self.config.block_size, *pool.keys.shape[-2:])
-            keys = key_out.view(shape)[:, :length].transpose(1, 2)
-            values = value_out.view(shape)[:, :length].transpose(1, 2)
-            if keys.dtype != self.model_dtype:
-                keys, values = keys.to(self.model_dtype), values.to(self.model_dtype)
+            dense = self.pool.dense(layer)
+            num_blocks = blocks_needed(length, self.block_size)
+            shape = (len(tables), num_blocks, self.block_size, *dense.keys.shape[-2:])
+            key_out, value_out = (buffer.view(shape) for buffer in self._workspace(math.prod(shape)))
+            sealed = {t.layer_sealed[layer] // self.block_size for t in tables}
+            if len(sealed) == 1:
+                self._gather(seq_ids, layer, (sealed.pop(), num_blocks), (key_out, value_out))
+            else:  # rows sealed to different depths (after uneven truncation): one row at a time
+                for row, (seq_id, table) in enumerate(zip(seq_ids, tables, strict=True)):
+                    span = (table.layer_sealed[layer] // self.block_size, num_blocks)
+                    self._gather([seq_id], layer, span, (key_out[row : row + 1], value_out[row : row + 1]))
+            flat_shape = (len(tables), num_blocks * self.block_size, *dense.keys.shape[-2:])
+            keys = key_out.view(flat_shape)[:, :length].transpose(1, 2)
+            values = value_out.view(flat_shape)[:, :length].transpose(1, 2)
             return keys, values
 
-    def block_table_tensor(self, seq_ids: Sequence[int], num_blocks: int) -> torch.Tensor:
-        """`[batch, num_blocks]` int64 block ids on the pool's device (cached until a table changes)."""
+    def block_table_tensor(
+        self, seq_ids: Sequence[int], first: int, count: int, quantized: bool = False
+    ) -> torch.Tensor:
+        """`[batch, count]` int64 ids of logical blocks `[first, first + count)` (cached until a table changes).
+
+        `quantized` picks the sealed blocks (`quantized_ids`) instead of the full-precision ones.
+        """
         with self._lock:
-            key = (tuple(seq_ids), num_blocks)
+            key = (tuple(seq_ids), first, count, quantized)
             cached = self._table_cache.get(key)
             if cached is not None and cached[0] == self._version:
                 return cached[1]
+            tables = [self._table(s) for s in seq_ids]
+            if quantized:
+                rows = [t.quantized_ids[first : first + count] for t in tables]
+            else:
+                rows = [[t.dense_blocks[logical] for logical in range(first, first + count)] for t in tables]
             assert self.pool is not None
-            rows = [self._table(s).block_ids[:num_blocks] for s in seq_ids]
-            tensor = torch.tensor(rows, dtype=torch.long, device=self.pool.keys.device)
+            tensor = torch.tensor(rows, dtype=torch.long, device=self.pool.device)
             if len(self._table_cache) > 64:
                 self._table_cache.clear()
             self._table_cache[key] = (self._version, tensor)
@@ -228,16 +293,27 @@ class KVStore:
 
     # ------------------------------------------------------------------------------------------ invariants
     def check_invariants(self) -> None:
-        """Raise `CacheError` if a block leaked, is double-counted, or a table is shorter than its tokens."""
+        """Raise `CacheError` if a block leaked, is double-counted, or a table does not cover its tokens."""
         with self._lock:
             if self.pool is None:
                 return
             self.pool.check_invariants(t.block_ids for t in self._tables.values())
+            if self.quantized_pool is not None:
+                self.quantized_pool.check_invariants(t.quantized_ids for t in self._tables.values())
             for seq_id, table in self._tables.items():
-                if len(table.block_ids) != blocks_needed(table.num_tokens, self.config.block_size):
-                    raise CacheValidationError(
-                        f"sequence {seq_id}: {len(table.block_ids)} blocks for {table.num_tokens} tokens"
-                    )
+                needed = {
+                    logical
+                    for length, sealed in zip(table.layer_lengths, table.layer_sealed, strict=True)
+                    for logical in range(sealed // self.block_size, blocks_needed(length, self.block_size))
+                }
+                held = set(table.dense_blocks)
+                lowest = min(table.layer_sealed) // self.block_size
+                if (
+                    not needed <= held
+                    or any(logical < lowest for logical in held)
+                    or (len(table.quantized_ids) * self.block_size != max(table.layer_sealed))
+                ):
+                    raise CacheValidationError(f"sequence {seq_id}: blocks do not cover its tokens: {table}")
 
     # ----------------------------------------------------------------------------------------------- inner
     def _table(self, seq_id: int) -> BlockTable:
@@ -246,72 +322,92 @@ class KVStore:
         except KeyError:
             raise CacheValidationError(f"sequence id {seq_id!r} is not in this cache") from None
 
+    def _check_capacity(self, tables: list[BlockTable], plans: list[WritePlan], seals: list[SealBatch]) -> None:
+        """Raise `CacheMemoryError`, before anything changes, if the pools cannot hold what `plans` need."""
+        pool = self.pool
+        assert pool is not None
+        for plan in plans:
+            if plan.end > self.config.max_tokens:
+                raise CacheMemoryError(
+                    f"a sequence would hold {plan.end} tokens but max_tokens={self.config.max_tokens}; raise max_tokens"
+                )
+        shared = [
+            [b for b in (t.dense_blocks[x] for x in p.overwritten) if pool.ref_count(b) > 1]
+            for t, p in zip(tables, plans, strict=True)
+        ]
+        dense_needed = sum(len(p.new_dense) for p in plans) + _copies_needed(pool, shared)
+        sealed_needed = sum(p.new_sealed for p in plans)
+        for target, needed, freed in (
+            (pool, dense_needed, self.sealer.released_by(tables, seals) if self.sealer else 0),
+            (self.quantized_pool, sealed_needed, 0),
+        ):
+            if target is not None and needed > target.num_free + freed:
+                raise CacheMemoryError(
+                    f"requested {needed} blocks but only {target.num_free + freed} of {target.num_blocks} are free "
+                    f"({self.block_size} tokens each); raise {target.capacity_hint}, or free or shorten sequences"
+                )
+
+    def _allocate_dense(self, tables: list[BlockTable], plans: list[WritePlan]) -> None:
+        """Give each table the full-precision blocks its plan writes: new ones, and private copies of shared ones."""
+        pool = self.pool
+        assert pool is not None
+        for table, plan in zip(tables, plans, strict=True):
+            if plan.new_dense:
+                table.dense_blocks.update(zip(plan.new_dense, pool.allocate(len(plan.new_dense)), strict=True))
+                self._version += 1
+            for logical in plan.overwritten:
+                old = table.dense_blocks[logical]
+                if pool.ref_count(old) > 1:  # copy-on-write; the last holder keeps the block
+                    (table.dense_blocks[logical],) = pool.allocate(1)
+                    pool.copy_block(old, table.dense_blocks[logical])
+                    pool.release([old])
+                    self._version += 1
+
+    def _gather(
+        self,
+        seq_ids: Sequence[int],
+        layer: int,
+        span: tuple[int, int],
+        out: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        """Fill `out` (`[batch, num_blocks, block_size, kv_heads, head_dim]`, model dtype) with logical blocks
+        `[0, num_blocks)`: the first `sealed` dequantized, the rest copied from the full-precision tail."""
+        assert self.pool is not None
+        sealed, num_blocks = span
+        batch = len(seq_ids)
+        if sealed and self.quantized_pool is not None:
+            ids = self.block_table_tensor(seq_ids, 0, sealed, quantized=True).flatten()
+            for target, blocks in zip(out, self.quantized_pool.quantized(layer).read(ids), strict=True):
+                target[:, :sealed].copy_(blocks.view(batch, sealed, *blocks.shape[1:]))
+        if num_blocks == sealed:
+            return
+        dense = self.pool.dense(layer)
+        ids = self.block_table_tensor(seq_ids, sealed, num_blocks - sealed).flatten()
+        if sealed == 0 and dense.keys.dtype == out[0].dtype:  # gather straight into the workspace
+            for target, storage in zip(out, (dense.keys, dense.values), strict=True):
+                torch.index_select(storage, 0, ids, out=target.view(-1, *storage.shape[1:]))
+            return
+        for target, blocks in zip(out, dense.read(ids), strict=True):
+            target[:, sealed:].copy_(blocks.view(batch, num_blocks - sealed, *blocks.shape[1:]))
+
+    def _release_sealed(self, table: BlockTable) -> None:
+        """Release full-precision blocks that every layer has sealed."""
+        lowest = min(table.layer_sealed) // self.block_size
+        done = [logical for logical in table.dense_blocks if logical < lowest]
+        if done and self.pool is not None:
+            self.pool.release(table.dense_blocks.pop(logical) for logical in done)
+            self._version += 1
+
     def _workspace(self, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Two flat buffers of at least `numel` elements for `read`, grown geometrically and then reused."""
-        pool = self.pool
-        assert pool is not None
         if self._read_buffers is None or self._read_buffers[0].numel() < numel:
+            assert self.pool is not None and self.model_dtype is not None
             capacity = max(numel, 2 * self._read_buffers[0].numel() if self._read_buffers else 0)
-            make = lambda: torch.empty(capacity, dtype=pool.keys.dtype, device=pool.keys.device)  # noqa: E731
-            self._read_buffers = (make(), make())
-        return self._read_buffers[0][:numel], self._read_buffers[1][:numel]
-
-    def _slots(self, tables: list[BlockTable], layer: int, count: int) -> list[int]:
-        block_size = self.config.block_size
-        slots: list[int] = []
-        for table in tables:
-            ids = table.block_ids
-            start = table.layer_lengths[layer]
-            slots.extend(ids[t // block_size] * block_size + t % block_size for t in range(start, start + count))
-        return slots
-
-    def _make_writable(self, tables: list[BlockTable], layer: int, count: int) -> None:
-        """Give each table private blocks for its next `count` tokens in `layer`: grow, and copy shared blocks.
-
-        Counts everything first and raises `CacheMemoryError` before changing anything if the pool is short.
-        """
-        pool = self.pool
-        assert pool is not None
-        block_size = self.config.block_size
-        grow = 0
-        shared_writes: Counter[int] | None = None
-        for table in tables:
-            start = table.layer_lengths[layer]
-            end = start + count
-            if end > self.config.max_tokens:
-                raise CacheMemoryError(
-                    f"a sequence would hold {end} tokens but max_tokens={self.config.max_tokens}; raise max_tokens"
-                )
-            need = blocks_needed(end, block_size)
-            grow += max(0, need - len(table.block_ids))
-            for block_id in table.block_ids[start // block_size : need]:
-                if pool.ref_count(block_id) > 1:
-                    shared_writes = shared_writes or Counter()
-                    shared_writes[block_id] += 1
-        # A block with r holders, k of them writing now, needs k copies (r > k) or k - 1 (the last writer keeps it).
-        copies = 0
-        if shared_writes:
-            copies = sum(k if pool.ref_count(b) > k else k - 1 for b, k in shared_writes.items())
-        if grow + copies > pool.num_free:
-            raise CacheMemoryError(
-                f"requested {grow + copies} blocks but only {pool.num_free} of {pool.num_blocks} are free "
-                f"({block_size} tokens each); raise {pool.capacity_hint}, or free or shorten sequences"
+            self._read_buffers = tuple(  # type: ignore[assignment]
+                torch.empty(capacity, dtype=self.model_dtype, device=self.pool.device) for _ in range(2)
             )
-        if grow == 0 and copies == 0:
-            return
-        self._version += 1
-        for table in tables:
-            need = blocks_needed(table.layer_lengths[layer] + count, block_size)
-            if need > len(table.block_ids):
-                table.block_ids.extend(pool.allocate(need - len(table.block_ids)))
-            first = table.layer_lengths[layer] // block_size
-            for index in range(first, need):
-                old = table.block_ids[index]
-                if pool.ref_count(old) > 1:
-                    (new,) = pool.allocate(1)
-                    pool.copy_block(old, new)
-                    pool.release([old])
-                    table.block_ids[index] = new
+        assert self._read_buffers is not None
+        return self._read_buffers[0][:numel], self._read_buffers[1][:numel]
 
     def validate_inputs(
         self, seq_ids: Sequence[int] | None, layer: int, key: torch.Tensor, value: torch.Tensor
@@ -321,9 +417,8 @@ class KVStore:
         `seq_ids=None` checks everything but the batch size.
         """
         if not isinstance(key, torch.Tensor) or not isinstance(value, torch.Tensor):
-            raise CacheValidationError(
-                f"key and value must be tensors; got {type(key).__name__}, {type(value).__name__}"
-            )
+            got = f"{type(key).__name__}, {type(value).__name__}"
+            raise CacheValidationError(f"key and value must be tensors; got {got}")
         if key.dim() != 4:
             raise CacheValidationError(
                 f"key has shape {tuple(key.shape)}; expected 4 dims [batch, kv_heads, tokens, head_dim]"
@@ -339,20 +434,36 @@ class KVStore:
                 f"key/value dtypes are {key.dtype}/{value.dtype}; expected one of float32, float16, bfloat16, "
                 "the same for both"
             )
+        finite_checked = self.layer_bits is not None and self.config.check_finite
+        if finite_checked and not bool(torch.isfinite(key).all() & torch.isfinite(value).all()):
+            raise CacheValidationError(
+                "key/value hold NaN or Inf; a quantized cache refuses them (they would poison a block's "
+                "scales). Fix the model's numerics, or set check_finite=False to skip this check"
+            )
         pool = self.pool
         if pool is None:
             if self.config.device != "auto" and key.device != self.config.resolved_device():
                 raise CacheValidationError(f"key is on {key.device} but the config sets device={self.config.device!r}")
             return
-        _, _, _, kv_heads, head_dim = pool.keys.shape
-        if key.shape[1] != kv_heads or key.shape[3] != head_dim:
+        fmt = pool.block_format
+        if key.shape[1] != fmt.kv_heads or key.shape[3] != fmt.head_dim:
             raise CacheValidationError(
                 f"key has {key.shape[1]} KV heads x head_dim {key.shape[3]}; this cache holds "
-                f"{kv_heads} KV heads x head_dim {head_dim}"
+                f"{fmt.kv_heads} KV heads x head_dim {fmt.head_dim}"
             )
         if key.dtype != self.model_dtype:
             raise CacheValidationError(f"key dtype is {key.dtype}; this cache was filled with {self.model_dtype}")
-        if key.device != pool.keys.device or value.device != pool.keys.device:
+        if key.device != pool.device or value.device != pool.device:
             raise CacheValidationError(
-                f"key/value are on {key.device}/{value.device}; this cache lives on {pool.keys.device}"
+                f"key/value are on {key.device}/{value.device}; this cache lives on {pool.device}"
             )
+
+
+def _copies_needed(pool: BlockPool, shared: list[list[int]]) -> int:
+    """Blocks copy-on-write will allocate: a block with r holders, k of them writing now, needs k copies if
+    r > k, else k - 1 (the last writer keeps it)."""
+    writers: dict[int, int] = {}
+    for block_ids in shared:
+        for block_id in block_ids:
+            writers[block_id] = writers.get(block_id, 0) + 1
+    return sum(k if pool.ref_count(b) > k else k - 1 for b, k in writers.items())

@@ -78,9 +78,9 @@ class BaseKVCache:
         """Tokens cached per sequence."""
         return self.store.num_tokens(self.seq_ids[0]) if self.seq_ids else 0
 
-    def get_stats(self, include_history: bool = False) -> dict[str, Any]:
+    def get_stats(self, include_history: bool = False, include_quantization_error: bool = False) -> dict[str, Any]:
         """Tokens, blocks used/free, `storage_memory_mb`, `hit_rate`, `profiling` and optionally `history`."""
-        return build_stats(self.store, self.tracker, self.profiler, include_history)
+        return build_stats(self.store, self.tracker, self.profiler, include_history, include_quantization_error)
 
     def reset(self) -> None:
         """Drop every cached token; the pool stays allocated."""
@@ -135,7 +135,7 @@ class PagedKVCache(BaseKVCache):
         if not 0 <= page_id < pool.num_blocks:
             raise CacheValidationError(f"page_id={page_id} is out of range; the pool has {pool.num_blocks} pages")
         holders = [s for s in self.store.sequence_ids if page_id in self.store.block_ids(s)]
-        block_size = self.config.block_size
+        block_size = self.config.tokens_per_block
         filled = 0
         for seq_id in holders:
             start = self.store.block_ids(seq_id).index(page_id) * block_size
@@ -146,8 +146,8 @@ class PagedKVCache(BaseKVCache):
             "ref_count": pool.ref_count(page_id),
             "sequences": holders,
             "tokens": filled,
-            "keys": None if free else pool.keys[0, page_id].clone(),
-            "values": None if free else pool.values[0, page_id].clone(),
+            "keys": None if free else pool.dense(0).keys[page_id].clone(),
+            "values": None if free else pool.dense(0).values[page_id].clone(),
         }
 
     def get_page_stats(self) -> dict[str, Any]:
@@ -157,13 +157,13 @@ class PagedKVCache(BaseKVCache):
             return {"pages_total": 0, "pages_used": 0, "pages_free": 0, "pages_shared": 0, "fragmentation": 0.0}
         block_ids = {b for s in self.store.sequence_ids for b in self.store.block_ids(s)}
         tokens = sum(self.store.num_tokens(s) for s in self.store.sequence_ids)
-        slots = sum(len(self.store.block_ids(s)) for s in self.store.sequence_ids) * self.config.block_size
+        slots = sum(len(self.store.block_ids(s)) for s in self.store.sequence_ids) * self.config.tokens_per_block
         return {
             "pages_total": pool.num_blocks,
             "pages_used": pool.num_used,
             "pages_free": pool.num_free,
             "pages_shared": sum(1 for b in block_ids if pool.ref_count(b) > 1),
-            "page_size": self.config.block_size,
+            "page_size": self.config.tokens_per_block,
             "token_slots_used": tokens,
             "fragmentation": 1.0 - tokens / slots if slots else 0.0,
         }

@@ -12,6 +12,8 @@ import time
 from collections import deque
 from typing import Any
 
+import torch
+
 from kv_cache.kv_store import KVStore
 from kv_cache.profiler import Profiler
 
@@ -63,41 +65,97 @@ class CacheStatsTracker:
 
 
 def store_gauges(store: KVStore) -> dict[str, Any]:
-    """Memory and occupancy of a store: tokens, sequences, blocks used/free/total, MiB, bytes per token."""
-    pool = store.pool
-    tokens = sum(store.num_tokens(s) for s in store.sequence_ids)
-    if pool is None:
-        return {
-            "tokens": tokens,
-            "sequences": len(store.sequence_ids),
-            "blocks_used": 0,
-            "blocks_free": 0,
-            "blocks_total": 0,
-            "storage_memory_mb": 0.0,
-            "used_memory_mb": 0.0,
-            "bytes_per_token": 0,
-        }
-    fmt = pool.block_format
-    return {
+    """Memory and occupancy of a store: tokens, sequences, blocks, MiB, and bytes per token.
+
+    `bytes_per_token` is what one more cached token costs in steady state (the sealed format when quantized),
+    `compression_ratio` the model dtype's bytes per token over it, and `effective_bytes_per_token` the memory
+    of the blocks in use over the tokens they hold (full-precision tail and partly filled blocks included).
+    """
+    sequences = store.sequence_ids
+    tokens = sum(store.num_tokens(s) for s in sequences)
+    pools = [p for p in (store.pool, store.quantized_pool) if p is not None]
+    gauges: dict[str, Any] = {
         "tokens": tokens,
-        "sequences": len(store.sequence_ids),
-        "blocks_used": pool.num_used,
-        "blocks_free": pool.num_free,
-        "blocks_total": pool.num_blocks,
-        "storage_memory_mb": pool.memory_bytes / 2**20,
-        "used_memory_mb": pool.num_used * fmt.bytes_per_block / 2**20,
-        "bytes_per_token": fmt.bytes_per_token,
+        "sequences": len(sequences),
+        "blocks_used": sum(p.num_used for p in pools),
+        "blocks_free": sum(p.num_free for p in pools),
+        "blocks_total": sum(p.num_blocks for p in pools),
+        "storage_memory_mb": sum(p.memory_bytes for p in pools) / 2**20,
+        "used_memory_mb": sum(p.num_used * p.block_format.bytes_per_block for p in pools) / 2**20,
     }
+    if store.pool is None:
+        return {**gauges, "bytes_per_token": 0.0, "compression_ratio": 1.0, "effective_bytes_per_token": 0.0}
+    steady = (store.quantized_pool or store.pool).block_format
+    dense = store.pool.block_format
+    model_bytes = dense.bytes_per_token * _element_size(store.model_dtype) / _element_size(dense.dtype)
+    gauges["bytes_per_token"] = steady.bytes_per_token
+    gauges["compression_ratio"] = model_bytes / steady.bytes_per_token
+    gauges["effective_bytes_per_token"] = gauges["used_memory_mb"] * 2**20 / tokens if tokens else 0.0
+    if store.quantized_pool is not None:
+        gauges["quantized_blocks_used"] = store.quantized_pool.num_used
+        gauges["full_precision_blocks_used"] = store.pool.num_used
+    return gauges
+
+
+def _element_size(dtype: torch.dtype | None) -> int:
+    return torch.empty((), dtype=dtype or torch.float32).element_size()
+
+
+def quantization_error(store: KVStore) -> dict[str, Any]:
+    """Relative error (Frobenius) of quantizing each layer's full-precision tail blocks in its sealed format.
+
+    Measured on the live, still exact tokens of the tail (whole blocks only), so it reflects this model's data.
+    Returns `{"layers": [{"layer", "bits", "key_error", "value_error", "blocks"}...]}`, or an empty list
+    without quantization or without a whole tail block yet.
+    """
+    if store.pool is None or store.quantized_pool is None:
+        return {"layers": []}
+    whole = [
+        block_id
+        for seq_id in store.sequence_ids
+        for logical, block_id in store.dense_blocks(seq_id).items()
+        if (logical + 1) * store.block_size <= store.num_tokens(seq_id)
+    ]
+    if not whole:
+        return {"layers": []}
+    ids = torch.tensor(whole, device=store.pool.device)
+    rows = []
+    for layer in range(store.num_layers):
+        keys, values = store.pool.dense(layer).read(ids)
+        storage = store.quantized_pool.quantized(layer)
+        restored_k, restored_v = storage.decode(storage.encode(keys.float(), values.float()))
+        rows.append(
+            {
+                "layer": layer,
+                "bits": storage.bits,
+                "key_error": _relative_error(restored_k, keys),
+                "value_error": _relative_error(restored_v, values),
+                "blocks": len(whole),
+            }
+        )
+    return {"layers": rows}
+
+
+def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    exact = exact.float()
+    return float((approx - exact).norm() / exact.norm().clamp_min(1e-12))
 
 
 def build_stats(
-    store: KVStore, tracker: CacheStatsTracker, profiler: Profiler, include_history: bool = False
+    store: KVStore,
+    tracker: CacheStatsTracker,
+    profiler: Profiler,
+    include_history: bool = False,
+    include_quantization_error: bool = False,
 ) -> dict[str, Any]:
-    """The dict `get_stats` returns: gauges, counters, `hit_rate`, `profiling`, and optionally `history`."""
+    """The dict `get_stats` returns: gauges, counters, `hit_rate`, `profiling`, and optionally `history` and
+    `quantization_error`."""
     stats: dict[str, Any] = store_gauges(store)
     stats.update(tracker.counters())
     stats["hit_rate"] = tracker.hit_rate
     stats["profiling"] = profiler.summary() if profiler.enabled else {}
     if include_history:
         stats["history"] = tracker.history()
+    if include_quantization_error:
+        stats["quantization_error"] = quantization_error(store)
     return stats

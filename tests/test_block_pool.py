@@ -48,11 +48,14 @@ def test_share_and_release_count_references() -> None:
 def test_copy_block_copies_every_layer() -> None:
     pool = make_pool()
     src, dst = pool.allocate(2)
-    pool.keys[:, src] = torch.randn_like(pool.keys[:, src])
-    pool.values[:, src] = torch.randn_like(pool.values[:, src])
+    for layer in range(2):
+        dense = pool.dense(layer)
+        dense.keys[src] = torch.randn_like(dense.keys[src])
+        dense.values[src] = torch.randn_like(dense.values[src])
     pool.copy_block(src, dst)
-    assert torch.equal(pool.keys[:, dst], pool.keys[:, src])
-    assert torch.equal(pool.values[:, dst], pool.values[:, src])
+    for layer in range(2):
+        dense = pool.dense(layer)
+        assert torch.equal(dense.keys[dst], dense.keys[src]) and torch.equal(dense.values[dst], dense.values[src])
 
 
 def test_invariant_check_catches_a_leak() -> None:
@@ -66,4 +69,4 @@ def test_memory_accounting() -> None:
     pool = make_pool(num_blocks=5)
     assert pool.block_format.bytes_per_token == 2 * 2 * 2 * 8 * 4
     assert pool.memory_bytes == 5 * 4 * pool.block_format.bytes_per_token
-    assert pool.keys.shape == (2, 5, 4, 2, 8)
+    assert pool.dense(1).keys.shape == (5, 4, 2, 8)

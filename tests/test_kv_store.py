@@ -90,7 +90,7 @@ def test_storage_dtype_differs_from_model_dtype() -> None:
     keys, values = kv(1, 5, torch.Generator().manual_seed(5))
     store.append([seq], 0, keys, values)
     got_k, _ = store.read([seq], 0)
-    assert got_k.dtype == torch.float32 and store.pool is not None and store.pool.keys.dtype == torch.float16
+    assert got_k.dtype == torch.float32 and store.pool is not None and store.pool.dense(0).keys.dtype == torch.float16
     torch.testing.assert_close(got_k, keys.half().float(), rtol=0, atol=0)
 
 
@@ -99,7 +99,7 @@ def test_inputs_requiring_grad_are_stored_detached() -> None:
     seq = store.add_sequence()
     keys = torch.randn(1, HEADS, 3, DIM, requires_grad=True)
     store.append([seq], 0, keys, keys * 2)
-    assert store.pool is not None and not store.pool.keys.requires_grad
+    assert store.pool is not None and not store.pool.dense(0).keys.requires_grad
     assert not store.read([seq], 0)[0].requires_grad
 
 

@@ -1,0 +1,112 @@
+"""`Sealer`: turns the oldest full-precision tail blocks of a sequence into quantized blocks, and back.
+
+With quantization a sequence's newest `residual_tokens` tokens (or up to a block more) stay in full precision;
+each time a layer's tail grows a whole block past that window, the block is *sealed*: quantized from the tail's
+tokens and the new ones, written to a quantized block (ids shared by all layers, allocated by the first layer to
+seal it), and its full-precision block released once every layer has sealed it. When layer 0 seals blocks that
+the other layers already hold whole (they were in the tail before this step), those are sealed in every layer at
+once, so a long chunk never holds the old and the new tail in full precision together.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kv_cache.block_io import TokenRows, encode_sealed, store_sealed
+from kv_cache.block_pool import BlockPool
+from kv_cache.block_table import BlockTable, SealBatch, WritePlan, plan_append
+from kv_cache.errors import CacheMemoryError, CacheValidationError
+
+
+class Sealer:
+    """Seals tail blocks of `pool` (full precision) into `quantized_pool`, keeping `residual_tokens` exact."""
+
+    def __init__(self, pool: BlockPool, quantized_pool: BlockPool, residual_tokens: int) -> None:
+        self.pool = pool
+        self.quantized_pool = quantized_pool
+        self.residual_tokens = residual_tokens
+        self.block_size = pool.block_size
+        self.num_layers = pool.block_format.num_layers
+
+    def target(self, table: BlockTable, layer: int, count: int) -> int:
+        """Tokens `layer` holds sealed after `count` more: every whole block older than the window."""
+        end = table.layer_lengths[layer] + count
+        full_blocks = (end - self.residual_tokens) // self.block_size
+        return max(table.layer_sealed[layer], full_blocks * self.block_size)
+
+    def plan(self, tables: list[BlockTable], plans: list[WritePlan], layer: int) -> list[SealBatch]:
+        """What to seal now: the plans of `layer` that seal, then, per other layer, the blocks `layer` seals
+        that the other layer already holds whole."""
+        sealing = [(t, p) for t, p in zip(tables, plans, strict=True) if p.seal_to > p.sealed]
+        if not sealing:
+            return []
+        seals = [SealBatch(layer, [t for t, _ in sealing], [p for _, p in sealing])]
+        for other in range(self.num_layers):
+            if other == layer:
+                continue
+            todo = []
+            for table, plan in sealing:
+                target = min(plan.seal_to, table.layer_lengths[other] // self.block_size * self.block_size)
+                if target > table.layer_sealed[other]:
+                    todo.append((table, plan_append(table, other, 0, self.block_size, target)))
+            if todo:
+                seals.append(SealBatch(other, [t for t, _ in todo], [p for _, p in todo]))
+        return seals
+
+    def released_by(self, tables: list[BlockTable], seals: list[SealBatch]) -> int:
+        """Full-precision blocks that `seals` will free (every layer sealed them, no other holder)."""
+        sealed_to = {
+            (id(t), seal.layer): p.seal_to for seal in seals for t, p in zip(seal.tables, seal.plans, strict=True)
+        }
+        released = 0
+        for table in tables:
+            lowest = min(sealed_to.get((id(table), i), now) for i, now in enumerate(table.layer_sealed))
+            released += sum(
+                1
+                for logical, block in table.dense_blocks.items()
+                if logical < lowest // self.block_size and self.pool.ref_count(block) == 1
+            )
+        return released
+
+    def seal(self, seals: list[SealBatch], layer: int, rows: TokenRows) -> None:
+        """Quantize every batch in `seals` (the new `rows` feed `layer`'s), then store them all.
+
+        Encoding comes first, so a block that cannot be sealed (NaN/Inf) raises before anything changes.
+        """
+        encoded = [self._encode(seal, rows if seal.layer == layer else None) for seal in seals]
+        for seal, blocks in zip(seals, encoded, strict=True):
+            self._store(seal, blocks)
+
+    def unseal(self, table: BlockTable, num_tokens: int) -> None:
+        """Cut a sequence inside its sealed blocks: dequantize the kept part of the cut block into the tail."""
+        if len(set(table.layer_sealed)) != 1 or len(set(table.layer_lengths)) != 1:
+            raise CacheValidationError("truncating into sealed blocks needs every layer at the same length")
+        cut, partial = divmod(num_tokens, self.block_size)
+        if partial and not table.dense_blocks and not self.pool.can_allocate(1):
+            raise CacheMemoryError(f"truncate needs 1 free block but none is free; raise {self.pool.capacity_hint}")
+        self.pool.release(table.block_ids)  # every full-precision block lies after the cut
+        table.dense_blocks = dict(zip([cut], self.pool.allocate(1), strict=True)) if partial else {}
+        if partial:
+            source = torch.tensor([table.quantized_ids[cut]], device=self.pool.device)
+            for layer in range(self.num_layers):
+                dense = self.pool.dense(layer)
+                restored = self.quantized_pool.quantized(layer).read(source)
+                for storage, blocks in zip((dense.keys, dense.values), restored, strict=True):
+                    storage[table.dense_blocks[cut]].copy_(blocks[0])
+        self.quantized_pool.release(table.quantized_ids[cut:])
+        del table.quantized_ids[cut:]
+        table.layer_sealed = [cut * self.block_size] * self.num_layers
+
+    def _encode(self, seal: SealBatch, rows: TokenRows | None) -> tuple[torch.Tensor, ...]:
+        storage = self.quantized_pool.quantized(seal.layer)
+        return encode_sealed(self.pool.dense(seal.layer), storage, seal.tables, seal.plans, rows)
+
+    def _store(self, seal: SealBatch, encoded: tuple[torch.Tensor, ...]) -> None:
+        """Allocate the quantized blocks a seal writes (shared by all layers), store them, advance its layer."""
+        for table, plan in zip(seal.tables, seal.plans, strict=True):
+            missing = plan.seal_to // self.block_size - len(table.quantized_ids)
+            if missing > 0:
+                table.quantized_ids.extend(self.quantized_pool.allocate(missing))
+        store_sealed(self.quantized_pool.quantized(seal.layer), seal.tables, seal.plans, encoded)
+        for table, plan in zip(seal.tables, seal.plans, strict=True):
+            table.layer_sealed[seal.layer] = plan.seal_to

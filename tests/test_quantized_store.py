@@ -1,0 +1,169 @@
+"""KVStore with quantization: sealed blocks read back as dequantize(quantize(block)), the tail stays exact.
+
+Reference: the contiguous tokens of a sequence, split at `sealed = max(0, (T - residual) // block) * block`; the
+sealed part is quantized block by block with `kv_cache.quantizer` and dequantized, the rest is copied.
+Whatever the chunking of the appends, reads must equal that reference (float rounding aside: atol 1e-6).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kv_cache import CacheMemoryError, CacheValidationError, KVCacheConfig, KVStore
+from kv_cache.quantizer import dequantize_keys, dequantize_values, quantize_keys, quantize_values
+
+HEADS, DIM, BLOCK, WINDOW, GROUP = 2, 16, 8, 16, 8
+
+
+def config(**overrides: object) -> KVCacheConfig:
+    options = {
+        "max_tokens": 512,
+        "block_size": BLOCK,
+        "use_quantization": True,
+        "quantization_bits": 4,
+        "quantization_group_size": GROUP,
+        "residual_tokens": WINDOW,
+        "device": "cpu",
+        **overrides,
+    }
+    return KVCacheConfig(**options)  # type: ignore[arg-type]
+
+
+def reference(states: torch.Tensor, bits: int, keys: bool) -> torch.Tensor:
+    """states: [batch, heads, T, dim] -> what a quantized cache must return for them."""
+    batch, heads, length, dim = states.shape
+    sealed = max(0, (length - WINDOW) // BLOCK) * BLOCK
+    tokens = states.transpose(1, 2)
+    blocks = tokens[:, :sealed].reshape(batch, sealed // BLOCK, BLOCK, heads, dim)
+    if keys:
+        restored = dequantize_keys(*quantize_keys(blocks, bits), head_dim=dim)
+    else:
+        restored = dequantize_values(*quantize_values(blocks, bits, GROUP), head_dim=dim)
+    return torch.cat([restored.reshape(batch, sealed, heads, dim), tokens[:, sealed:].float()], 1).transpose(1, 2)
+
+
+def assert_matches(store: KVStore, seqs: list[int], layer: int, keys: torch.Tensor, values: torch.Tensor, bits: int):
+    got_k, got_v = store.read(seqs, layer)
+    torch.testing.assert_close(got_k.float(), reference(keys, bits, True), rtol=0, atol=1e-6)
+    torch.testing.assert_close(got_v.float(), reference(values, bits, False), rtol=0, atol=1e-6)
+
+
+@given(chunks=st.lists(st.integers(1, 40), min_size=1, max_size=8), bits=st.sampled_from([2, 4, 8]))
+@settings(max_examples=15, deadline=None)
+def test_any_chunking_reads_back_the_reference(chunks: list[int], bits: int) -> None:
+    gen = torch.Generator().manual_seed(sum(chunks))
+    total = sum(chunks)
+    keys = torch.randn(2, HEADS, total, DIM, generator=gen)
+    values = torch.randn(2, HEADS, total, DIM, generator=gen)
+    store = KVStore(config(quantization_bits=bits), num_layers=2)
+    seqs = [store.add_sequence(), store.add_sequence()]
+    position = 0
+    for chunk in chunks:
+        for layer in range(2):
+            new = slice(position, position + chunk)
+            store.append(seqs, layer, keys[:, :, new], values[:, :, new])
+        position += chunk
+        store.check_invariants()
+        for layer in range(2):
+            assert_matches(store, seqs, layer, keys[:, :, :position], values[:, :, :position], bits)
+    # The full-precision tail never holds more than the window plus two blocks per sequence.
+    assert store.pool is not None and store.pool.num_used <= 2 * (WINDOW // BLOCK + 2)
+
+
+def test_memory_of_a_quantized_block_is_its_real_bytes() -> None:
+    store = KVStore(config(quantization_bits=4), num_layers=3)
+    store.initialize(HEADS, DIM, torch.float32, torch.device("cpu"), batch_size=1)
+    assert store.quantized_pool is not None
+    fmt = store.quantized_pool.block_format
+    real = sum(t.numel() * t.element_size() for layer in store.quantized_pool.layers for t in layer.tensors())
+    assert fmt.bytes_per_block * store.quantized_pool.num_blocks == real
+    # Per element: INT4 codes 0.5 B; keys add 4 B of fp16 scale+zero per channel per block, values per GROUP channels.
+    assert fmt.bytes_per_token == 3 * HEADS * DIM * ((0.5 + 4 / BLOCK) + (0.5 + 4 / GROUP))
+
+
+def test_mixed_precision_per_layer() -> None:
+    store = KVStore(config(layer_bits={0: 8, -1: 2}), num_layers=3)
+    assert store.layer_bits == (8, 4, 2)
+    gen = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(1, HEADS, 40, DIM, generator=gen), torch.randn(1, HEADS, 40, DIM, generator=gen)
+    seq = [store.add_sequence()]
+    for layer in range(3):
+        store.append(seq, layer, keys, values)
+    for layer, bits in enumerate((8, 4, 2)):
+        assert_matches(store, seq, layer, keys, values, bits)
+    with pytest.raises(CacheValidationError, match="names layer 5"):
+        KVStore(config(layer_bits={5: 8}), num_layers=3)
+
+
+def test_fork_shares_sealed_blocks_and_copies_the_tail_on_write() -> None:
+    gen = torch.Generator().manual_seed(2)
+    store = KVStore(config(), num_layers=1)
+    parent = store.add_sequence()
+    keys, values = torch.randn(1, HEADS, 37, DIM, generator=gen), torch.randn(1, HEADS, 37, DIM, generator=gen)
+    store.append([parent], 0, keys, values)
+    child = store.fork(parent)
+    assert store.quantized_block_ids(child) == store.quantized_block_ids(parent)
+    more_k, more_v = torch.randn(1, HEADS, 1, DIM, generator=gen), torch.randn(1, HEADS, 1, DIM, generator=gen)
+    store.append([child], 0, more_k, more_v)
+    assert_matches(store, [parent], 0, keys, values, 4)
+    assert_matches(store, [child], 0, torch.cat([keys, more_k], 2), torch.cat([values, more_v], 2), 4)
+    store.check_invariants()
+    store.free(parent)
+    store.free(child)
+    assert store.pool is not None and store.pool.num_used == 0
+    assert store.quantized_pool is not None and store.quantized_pool.num_used == 0
+
+
+@pytest.mark.parametrize("keep", [30, 24, 13, 3, 0])
+def test_truncate_inside_sealed_blocks_dequantizes_the_cut_block(keep: int) -> None:
+    gen = torch.Generator().manual_seed(3)
+    store = KVStore(config(), num_layers=2)
+    seq = [store.add_sequence()]
+    keys, values = torch.randn(1, HEADS, 45, DIM, generator=gen), torch.randn(1, HEADS, 45, DIM, generator=gen)
+    for layer in range(2):
+        store.append(seq, layer, keys, values)
+    expected_k = reference(keys, 4, True)[:, :, :keep]
+    store.truncate(seq[0], keep)
+    store.check_invariants()
+    assert store.num_tokens(seq[0]) == keep
+    if keep:
+        torch.testing.assert_close(store.read(seq, 1)[0], expected_k, rtol=0, atol=1e-6)
+    for layer in range(2):  # the sequence keeps growing normally afterwards
+        store.append(seq, layer, keys[:, :, :20], values[:, :, :20])
+    store.check_invariants()
+
+
+def test_non_finite_input_is_rejected_and_changes_nothing() -> None:
+    store = KVStore(config(), num_layers=1)
+    seq = [store.add_sequence()]
+    good = torch.randn(1, HEADS, 20, DIM)
+    store.append(seq, 0, good, good)
+    bad = torch.randn(1, HEADS, 20, DIM)
+    bad[0, 1, 3, 2] = float("nan")
+    with pytest.raises(CacheValidationError, match="NaN or Inf"):
+        store.append(seq, 0, bad, good[:, :, :20])
+    assert store.num_tokens(seq[0]) == 20
+    store.check_invariants()
+
+
+def test_non_finite_with_the_check_off_fails_at_sealing_without_storing() -> None:
+    store = KVStore(config(check_finite=False), num_layers=1)
+    seq = [store.add_sequence()]
+    bad = torch.randn(1, HEADS, 4, DIM)
+    bad[0, 0, 1, 0] = float("inf")
+    store.append(seq, 0, bad, bad)  # lands in the full-precision tail, unchecked
+    with pytest.raises(CacheValidationError, match=r"NaN|Inf|non-finite"):
+        store.append(seq, 0, torch.randn(1, HEADS, 30, DIM), torch.randn(1, HEADS, 30, DIM))
+    assert store.num_tokens(seq[0]) == 4
+    store.check_invariants()
+
+
+def test_tail_pool_exhaustion_is_a_clear_memory_error() -> None:
+    store = KVStore(config(), num_layers=1)
+    store.initialize(HEADS, DIM, torch.float32, torch.device("cpu"), batch_size=1)
+    seqs = [store.add_sequence() for _ in range(3)]
+    with pytest.raises(CacheMemoryError, match="tail pool is sized from it"):
+        store.append(seqs, 0, torch.randn(3, HEADS, 20, DIM), torch.randn(3, HEADS, 20, DIM))
