@@ -3,7 +3,9 @@
 Batch 1, 8 KV heads, head_dim 128, fp32, CPU. Rows per length T (1k, 4k, 8k):
   - bare copy        : `buf[:, :, t].copy_(k)` into a preallocated [1, H, T, D] buffer (the floor)
   - ours append      : `KVStore.append` (find/allocate the slot, copy in)
-  - ours append+read : append, then `KVStore.read` of everything attention needs at this step
+  - ours append+read : append, then `KVStore.read` of everything attention needs at this step (one sequence in
+                       a fresh pool gets consecutive blocks, so the read is a zero-copy view of the pool)
+  - ours, scattered  : the same with the pool's free list shuffled first (as after churn): the read gathers
   - DynamicCache     : `DynamicLayer.update` (torch.cat: append and read are one operation)
 Per-token cost is reported for the first and the last 10% of appends, to show whether it grows with T.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -50,9 +53,14 @@ def run_length(length: int, keys: torch.Tensor, values: torch.Tensor) -> dict[st
 
     results["bare copy"] = timed(length, bare)
 
-    for name, read in (("ours append", False), ("ours append+read", True)):
+    rows = (("ours append", False, False), ("ours append+read", True, False), ("ours, scattered", True, True))
+    for name, read, scattered in rows:
         store = KVStore(KVCacheConfig(max_tokens=length, device="cpu"), num_layers=1)
         store.initialize(HEADS, DIM, torch.float32, torch.device("cpu"), batch_size=1)
+        if scattered and store.pool is not None:
+            taken = store.pool.allocate(store.pool.num_free)
+            random.Random(0).shuffle(taken)
+            store.pool.release(taken)
         seq = [store.add_sequence()]
 
         def ours(t: int, store: KVStore = store, seq: list[int] = seq, read: bool = read) -> None:

@@ -93,7 +93,7 @@ class BlockPool:
             )
         if count == 0:
             return []
-        ids = self._free[-count:]
+        ids = self._free[-count:][::-1]  # ascending ids: a fresh sequence gets one contiguous run
         del self._free[-count:]
         for block_id in ids:
             self._ref_counts[block_id] = 1

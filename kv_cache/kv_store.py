@@ -57,7 +57,7 @@ class KVStore:
         self._next_id = 0
         self._lock = threading.RLock()
         self._version = 0  # bumped whenever a block id list changes; keys the block-table tensor cache
-        self._table_cache: dict[tuple[object, ...], tuple[int, torch.Tensor]] = {}
+        self._table_cache: dict[tuple[object, ...], tuple[int, torch.Tensor, int | None]] = {}
         self._read_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -238,8 +238,9 @@ class KVStore:
         """Keys and values of the sequences in `layer`, oldest first, for attention (dequantized if sealed).
 
         All sequences must hold the same number of tokens in `layer`. Returns two `[batch, kv_heads, tokens,
-        head_dim]` tensors in the model's dtype. They are views of one workspace that the next `read` (of any
-        layer) overwrites, the way attention consumes them: clone them to keep them.
+        head_dim]` tensors in the model's dtype, valid until the next call on the store, the way attention
+        consumes them (clone them to keep them): views of the pool itself when one sequence's blocks are one
+        run of consecutive ids (no copy at all), else of a workspace that the next `read` overwrites.
         """
         with self._lock:
             tables = [self._table(s) for s in seq_ids]
@@ -253,6 +254,12 @@ class KVStore:
                 raise CacheValidationError(f"layer {layer} of sequences {list(seq_ids)} holds no tokens yet")
             dense = self.pool.dense(layer)
             num_blocks = blocks_needed(length, self.block_size)
+            flat_shape = (len(tables), num_blocks * self.block_size, *dense.keys.shape[-2:])
+            if tables[0].layer_sealed[layer] == 0 and dense.keys.dtype == self.model_dtype:
+                _, run = self._block_rows(seq_ids, 0, num_blocks)
+                if run is not None:  # zero-copy: the blocks are consecutive in the pool
+                    keys, values = (t[run : run + num_blocks].view(flat_shape) for t in (dense.keys, dense.values))
+                    return keys[:, :length].transpose(1, 2), values[:, :length].transpose(1, 2)
             shape = (len(tables), num_blocks, self.block_size, *dense.keys.shape[-2:])
             key_out, value_out = (buffer.view(shape) for buffer in self._workspace(math.prod(shape)))
             sealed = {t.layer_sealed[layer] // self.block_size for t in tables}
@@ -262,7 +269,6 @@ class KVStore:
                 for row, (seq_id, table) in enumerate(zip(seq_ids, tables, strict=True)):
                     span = (table.layer_sealed[layer] // self.block_size, num_blocks)
                     self._gather([seq_id], layer, span, (key_out[row : row + 1], value_out[row : row + 1]))
-            flat_shape = (len(tables), num_blocks * self.block_size, *dense.keys.shape[-2:])
             keys = key_out.view(flat_shape)[:, :length].transpose(1, 2)
             values = value_out.view(flat_shape)[:, :length].transpose(1, 2)
             return keys, values
@@ -274,11 +280,17 @@ class KVStore:
 
         `quantized` picks the sealed blocks (`quantized_ids`) instead of the full-precision ones.
         """
+        return self._block_rows(seq_ids, first, count, quantized)[0]
+
+    def _block_rows(
+        self, seq_ids: Sequence[int], first: int, count: int, quantized: bool = False
+    ) -> tuple[torch.Tensor, int | None]:
+        """`block_table_tensor`, and the first id when the batch is one row of consecutive ids (else None)."""
         with self._lock:
             key = (tuple(seq_ids), first, count, quantized)
             cached = self._table_cache.get(key)
             if cached is not None and cached[0] == self._version:
-                return cached[1]
+                return cached[1], cached[2]
             tables = [self._table(s) for s in seq_ids]
             if quantized:
                 rows = [t.quantized_ids[first : first + count] for t in tables]
@@ -286,10 +298,12 @@ class KVStore:
                 rows = [[t.dense_blocks[logical] for logical in range(first, first + count)] for t in tables]
             assert self.pool is not None
             tensor = torch.tensor(rows, dtype=torch.long, device=self.pool.device)
+            row = rows[0]
+            run = row[0] if len(rows) == 1 and row and row == list(range(row[0], row[0] + count)) else None
             if len(self._table_cache) > 64:
                 self._table_cache.clear()
-            self._table_cache[key] = (self._version, tensor)
-            return tensor
+            self._table_cache[key] = (self._version, tensor, run)
+            return tensor, run
 
     # ------------------------------------------------------------------------------------------ invariants
     def check_invariants(self) -> None:
