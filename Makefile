@@ -11,14 +11,14 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,plots]"
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m kv_cache.demo
+	$(VENV)/bin/kv-cache demo --plot kv_cache_demo.png
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kv_cache tests benchmarks scripts

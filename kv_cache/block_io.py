@@ -7,13 +7,64 @@ arrive as `[batch, kv_heads, tokens, head_dim]`; `token_rows` flattens them to r
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from kv_cache.block_format import DenseBlocks, QuantizedBlocks
+from kv_cache.block_format import BlockFormat, DenseBlocks, QuantizedBlocks
 from kv_cache.block_table import BlockTable, WritePlan
+from kv_cache.errors import CacheValidationError
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 TokenRows = tuple[torch.Tensor, torch.Tensor]
 """Keys and values as `[batch * tokens, kv_heads, head_dim]` rows (`token_rows`)."""
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """What new keys/values must look like; None fields are not checked (nothing fixed them yet)."""
+
+    batch: int | None
+    block_format: BlockFormat | None
+    dtype: torch.dtype | None
+    device: torch.device | None
+    finite: bool
+
+
+def check_states(key: torch.Tensor, value: torch.Tensor, spec: StateSpec) -> None:
+    """Raise `CacheValidationError` naming the problem unless `key`/`value` are `[batch, kv_heads, tokens,
+    head_dim]` float tensors that match `spec` (shape, dtype, device, and finite values when asked)."""
+    if not isinstance(key, torch.Tensor) or not isinstance(value, torch.Tensor):
+        raise CacheValidationError(f"key and value must be tensors; got {type(key).__name__}, {type(value).__name__}")
+    if key.dim() != 4:
+        raise CacheValidationError(
+            f"key has shape {tuple(key.shape)}; expected 4 dims [batch, kv_heads, tokens, head_dim]"
+        )
+    if value.shape != key.shape:
+        raise CacheValidationError(f"value shape {tuple(value.shape)} differs from key shape {tuple(key.shape)}")
+    if spec.batch is not None and key.shape[0] != spec.batch:
+        raise CacheValidationError(f"key has batch {key.shape[0]} but {spec.batch} sequence ids were given")
+    if key.dtype not in _FLOAT_DTYPES or value.dtype != key.dtype:
+        raise CacheValidationError(
+            f"key/value dtypes are {key.dtype}/{value.dtype}; expected one of float32, float16, bfloat16, "
+            "the same for both"
+        )
+    if spec.finite and not bool(torch.isfinite(key).all() & torch.isfinite(value).all()):
+        raise CacheValidationError(
+            "key/value hold NaN or Inf; a quantized cache refuses them (they would poison a block's scales). "
+            "Fix the model's numerics, or set check_finite=False to skip this check"
+        )
+    fmt = spec.block_format
+    if fmt is not None and (key.shape[1] != fmt.kv_heads or key.shape[3] != fmt.head_dim):
+        raise CacheValidationError(
+            f"key has {key.shape[1]} KV heads x head_dim {key.shape[3]}; this cache holds "
+            f"{fmt.kv_heads} KV heads x head_dim {fmt.head_dim}"
+        )
+    if spec.dtype is not None and key.dtype != spec.dtype:
+        raise CacheValidationError(f"key dtype is {key.dtype}; this cache was filled with {spec.dtype}")
+    if spec.device is not None and (key.device != spec.device or value.device != spec.device):
+        raise CacheValidationError(f"key/value are on {key.device}/{value.device}; this cache lives on {spec.device}")
 
 
 def token_rows(states: torch.Tensor) -> torch.Tensor:

@@ -123,6 +123,18 @@ class BlockPool:
             for tensor in layer.tensors():
                 tensor[dst].copy_(tensor[src])
 
+    def export_block(self, block_id: int) -> list[torch.Tensor]:
+        """Views of one block's tensors in every layer, in storage order (`layer.tensors()` at `block_id`)."""
+        return [tensor[block_id] for layer in self.layers for tensor in layer.tensors()]
+
+    def import_block(self, block_id: int, tensors: Sequence[torch.Tensor]) -> None:
+        """Overwrite one block with `tensors` (the order `export_block` gives; any device, copied here)."""
+        targets = self.export_block(block_id)
+        if len(targets) != len(tensors):
+            raise CacheError(f"import_block got {len(tensors)} tensors; this format has {len(targets)} per block")
+        for target, tensor in zip(targets, tensors, strict=True):
+            target.copy_(tensor, non_blocking=True)
+
     def check_invariants(self, holders: Iterable[Sequence[int]]) -> None:
         """Raise `CacheError` unless free + referenced == capacity and each count equals its holders.
 

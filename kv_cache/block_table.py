@@ -26,16 +26,18 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
 
 @dataclass
 class BlockTable:
-    """A sequence's blocks and per-layer lengths (tokens written, tokens sealed into quantized blocks)."""
+    """A sequence's blocks and per-layer counts: tokens held, tokens sealed into quantized blocks, and tokens
+    evicted (held + evicted = tokens seen, the next token's position)."""
 
     layer_lengths: list[int]
     layer_sealed: list[int]
+    layer_evicted: list[int]
     dense_blocks: dict[int, int] = field(default_factory=dict)
     quantized_ids: list[int] = field(default_factory=list)
 
     @classmethod
     def empty(cls, num_layers: int) -> BlockTable:
-        return cls(layer_lengths=[0] * num_layers, layer_sealed=[0] * num_layers)
+        return cls(layer_lengths=[0] * num_layers, layer_sealed=[0] * num_layers, layer_evicted=[0] * num_layers)
 
     @property
     def num_tokens(self) -> int:
@@ -51,6 +53,7 @@ class BlockTable:
         return BlockTable(
             layer_lengths=list(self.layer_lengths),
             layer_sealed=list(self.layer_sealed),
+            layer_evicted=list(self.layer_evicted),
             dense_blocks=dict(self.dense_blocks),
             quantized_ids=list(self.quantized_ids),
         )

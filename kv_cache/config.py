@@ -105,6 +105,14 @@ class KVCacheConfig:
         check_finite: with quantization, reject NaN/Inf keys or values when they are appended (one device sync per
             call on a GPU). False skips the check: a non-finite value then raises when its block is sealed, and
             that sequence cannot grow past it; nothing non-finite is ever stored in a quantized block.
+        token_budget: keep at most this many tokens per layer and KV head of a sequence; older tokens are evicted
+            by `cache_strategy` (LRU: a sliding window; LFU: heavy hitters by accumulated attention, H2O; ADAPTIVE:
+            a recent window plus heavy hitters) once a layer holds a block more than the budget.
+        compression_ratio: instead of a fixed budget, evict this fraction of the tokens seen (kvpress's convention:
+            0.75 keeps a quarter, "4x").
+        sink_tokens: the first tokens of a sequence are never evicted (StreamingLLM's attention sinks).
+        observation_window: with LFU/ADAPTIVE eviction, a prompt is scored by the attention of its last
+            `observation_window` queries (SnapKV); each decoded token then adds its own attention (H2O).
     """
 
     max_tokens: int = 4096
@@ -123,6 +131,10 @@ class KVCacheConfig:
     residual_tokens: int = 128
     layer_bits: dict[int, int] | None = field(default=None)
     check_finite: bool = True
+    token_budget: int | None = None
+    compression_ratio: float | None = None
+    sink_tokens: int = 0
+    observation_window: int = 32
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, 1)
@@ -156,6 +168,37 @@ class KVCacheConfig:
             raise CacheValidationError(f"enable_profiling={self.enable_profiling!r} must be True or False")
         _check_int("history_size", self.history_size, 1)
         self._check_quantization()
+        self._check_eviction()
+
+    @property
+    def evicts_tokens(self) -> bool:
+        """Whether tokens are evicted inside a sequence (`token_budget` or `compression_ratio` is set)."""
+        return self.token_budget is not None or self.compression_ratio is not None
+
+    def _check_eviction(self) -> None:
+        if self.token_budget is not None:
+            _check_int("token_budget", self.token_budget, 1)
+        ratio = self.compression_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1):
+            raise CacheValidationError(f"compression_ratio={ratio!r} must be a fraction of tokens evicted, in (0, 1)")
+        if self.token_budget is not None and ratio is not None:
+            raise CacheValidationError("token_budget and compression_ratio are both set; set only one of them")
+        _check_int("sink_tokens", self.sink_tokens, 0)
+        _check_int("observation_window", self.observation_window, 1)
+        if self.token_budget is not None and self.sink_tokens >= self.token_budget:
+            raise CacheValidationError(
+                f"sink_tokens={self.sink_tokens} must be smaller than token_budget={self.token_budget}"
+            )
+        if self.evicts_tokens and self.use_quantization:
+            raise CacheValidationError(
+                "token eviction (token_budget/compression_ratio) with use_quantization=True is not supported yet; "
+                "use one of the two"
+            )
+        if self.evicts_tokens and self.cache_mode is CacheMode.TRAINING:
+            raise CacheValidationError(
+                "token eviction is a lossy option, refused with cache_mode=CacheMode.TRAINING; "
+                "use CacheMode.INFERENCE or unset token_budget/compression_ratio"
+            )
 
     def _check_quantization(self) -> None:
         for name, bits in [("quantization_bits", self.quantization_bits), *self._layer_bit_items()]:

@@ -20,9 +20,11 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kv_cache.config import KVCacheConfig
 from kv_cache.errors import CacheError, CacheValidationError
+from kv_cache.hf_attention import ATTENTION_NAME, hand_off
 from kv_cache.kv_store import KVStore
 from kv_cache.profiler import Profiler
 from kv_cache.stats import CacheStatsTracker, build_stats, store_gauges
+from kv_cache.token_eviction import TokenEvictor
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
@@ -70,12 +72,20 @@ class PagedLayer(CacheLayerMixin):
         """Store `[batch, kv_heads, new_tokens, head_dim]` states; return all of this layer's keys and values."""
         cache = self._cache
         if not self.is_initialized or cache.seq_ids is None:
+            cache.check_eviction_support()
             self.lazy_initialization(key_states, value_states)
         assert cache.seq_ids is not None
         with cache.profiler.record("update"):
+            paged = cache.reads_paged
+            if cache.evictor is not None and not paged:  # the paged attention evicts after it has attended
+                cache.evictor.evict(cache.seq_ids, self.layer_idx, incoming=key_states.shape[2])
             cached = cache.store.num_tokens(cache.seq_ids[0], self.layer_idx)
             cache.store.append(cache.seq_ids, self.layer_idx, key_states, value_states)
-            keys, values = cache.store.read(cache.seq_ids, self.layer_idx)
+            if paged:  # the attention function reads the blocks itself
+                hand_off(cache, self.layer_idx)
+                keys, values = key_states, value_states
+            else:
+                keys, values = cache.store.read(cache.seq_ids, self.layer_idx)
         new = key_states.shape[2]
         cache.tracker.record_read(cached * len(cache.seq_ids), new * len(cache.seq_ids))
         if self.layer_idx == cache.num_layers - 1:
@@ -83,11 +93,15 @@ class PagedLayer(CacheLayerMixin):
         return keys, values
 
     def get_seq_length(self) -> int:
+        """Tokens seen (evicted ones included): the next token's position."""
         seq_ids = self._cache.seq_ids
-        return 0 if not seq_ids else self._cache.store.num_tokens(seq_ids[0], self.layer_idx)
+        return 0 if not seq_ids else self._cache.store.num_seen(seq_ids[0], self.layer_idx)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        """Key columns attention will see: the tokens held (fewer than seen after eviction) plus the new ones."""
+        seq_ids = self._cache.seq_ids
+        held = 0 if not seq_ids else self._cache.store.num_tokens(seq_ids[0], self.layer_idx)
+        return held + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
@@ -112,15 +126,26 @@ class KVCache(Cache):
     Args:
         config: the cache configuration (block size, pool size, dtype, ...). Default: `KVCacheConfig()`.
         model_config: the model's `PretrainedConfig`; its decoder layer types decide the layers.
+        store: an existing store to view (an engine's pool, shared by many caches); `config` is then the store's.
+            Set `seq_ids` to choose which of its sequences are the batch rows.
     """
 
-    def __init__(self, config: KVCacheConfig | None = None, model_config: PretrainedConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: KVCacheConfig | None = None,
+        model_config: PretrainedConfig | None = None,
+        store: KVStore | None = None,
+    ) -> None:
         if model_config is None:
             raise CacheValidationError("model_config is required: pass model.config so the cache knows the layers")
-        self.config = config or KVCacheConfig()
+        self.config = store.config if store is not None else (config or KVCacheConfig())
+        self.model_config = model_config
         layer_types = attention_layer_types(model_config)
         self.num_layers = len(layer_types)
-        self.store = KVStore(self.config, self.num_layers)
+        if store is not None and store.num_layers != self.num_layers:
+            raise CacheValidationError(f"store has {store.num_layers} layers; the model has {self.num_layers}")
+        self.store = store or KVStore(self.config, self.num_layers)
+        self.evictor = TokenEvictor(self.config, self.store) if self.config.evicts_tokens else None
         self.tracker = CacheStatsTracker(self.config.history_size)
         self.profiler = Profiler(self.config.enable_profiling)
         self.seq_ids: list[int] | None = None
@@ -146,7 +171,7 @@ class KVCache(Cache):
         """`crop(-n)` drops the newest `n` tokens; a positive value is the legacy absolute length (5.17 callers)."""
         if not self.seq_ids or tokens_to_remove == 0:
             return
-        length = self.get_seq_length()
+        length = self.store.num_tokens(self.seq_ids[0])
         keep = length + tokens_to_remove if tokens_to_remove < 0 else min(tokens_to_remove, length)
         for seq_id in self.seq_ids:
             self.store.truncate(seq_id, max(keep, 0))
@@ -156,6 +181,20 @@ class KVCache(Cache):
         self.seq_ids = None
         for layer in self.layers:
             layer.reset()
+
+    def check_eviction_support(self) -> None:
+        """Raise `CacheValidationError` if the configured token eviction needs what the model's attention lacks."""
+        if self.evictor is not None and self.evictor.needs_attention_mass and not self.reads_paged:
+            raise CacheValidationError(
+                f"cache_strategy={self.config.cache_strategy.name} token eviction ranks tokens by the attention they "
+                "receive, which only kv_cache's attention reports: model.set_attn_implementation(register_attention())"
+                ", or use CacheStrategy.LRU (a sliding window)"
+            )
+
+    @property
+    def reads_paged(self) -> bool:
+        """Whether the model attends with `hf_attention.paged_attention` (then `update` returns no dense copy)."""
+        return getattr(self.model_config, "_attn_implementation", None) == ATTENTION_NAME
 
     def get_stats(self, include_history: bool = False, include_quantization_error: bool = False) -> dict[str, Any]:
         """Tokens, blocks used/free, memory (MiB), hit rate, profiling and, if asked, the history."""

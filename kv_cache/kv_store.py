@@ -20,11 +20,13 @@ from collections.abc import Sequence
 
 import torch
 
-from kv_cache.block_format import BlockFormat
-from kv_cache.block_io import token_rows, write_dense
+from kv_cache.attention.paged_kv import PagedKV
+from kv_cache.block_format import BlockFormat, DenseBlocks
+from kv_cache.block_io import StateSpec, check_states, token_rows, write_dense
 from kv_cache.block_pool import BlockPool
 from kv_cache.block_table import BlockTable, SealBatch, WritePlan, blocks_needed, plan_append
-from kv_cache.config import CacheMode, KVCacheConfig
+from kv_cache.block_views import VersionedCache, block_rows, consecutive_run, paged_view
+from kv_cache.config import CacheMode, CacheStrategy, KVCacheConfig
 from kv_cache.errors import CacheMemoryError, CacheValidationError
 from kv_cache.sealing import Sealer
 
@@ -57,7 +59,9 @@ class KVStore:
         self._next_id = 0
         self._lock = threading.RLock()
         self._version = 0  # bumped whenever a block id list changes; keys the block-table tensor cache
-        self._table_cache: dict[tuple[object, ...], tuple[int, torch.Tensor, int | None]] = {}
+        self._block_tables: VersionedCache[tuple[torch.Tensor, int | None]] = VersionedCache()
+        self._paged_views: VersionedCache[PagedKV] = VersionedCache()
+        self._mass: list[torch.Tensor] | None = None  # per layer [slots, kv_heads] fp32, for LFU/ADAPTIVE eviction
         self._read_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -91,6 +95,9 @@ class KVStore:
                 self.quantized_pool = BlockPool(sealed, count, device, capacity_hint=hint)
                 self.sealer = Sealer(self.pool, self.quantized_pool, config.residual_tokens)
             self.model_dtype = dtype
+            if config.evicts_tokens and config.cache_strategy is not CacheStrategy.LRU:
+                slots = self.pool.num_blocks * self.block_size
+                self._mass = [torch.zeros(slots, kv_heads, device=device) for _ in range(self.num_layers)]
 
     def _pool_size(self, fmt: BlockFormat, default: int, reserved_bytes: int) -> tuple[int, str]:
         """Blocks of `fmt` in the pool and the config field that sets it (for error messages)."""
@@ -116,6 +123,29 @@ class KVStore:
             self._next_id += 1
             self._tables[seq_id] = BlockTable.empty(self.num_layers)
             return seq_id
+
+    def adopt_prefix(self, seq_id: int, block_ids: Sequence[int], quantized: bool = False) -> None:
+        """Start an empty sequence with `block_ids` as its first whole blocks (shared, e.g. from a prefix cache).
+
+        The blocks (full precision, or sealed when `quantized`) must hold `block_size` tokens in every layer; the
+        sequence then holds `len(block_ids) * block_size` tokens and shares them copy-on-write.
+        """
+        with self._lock:
+            table = self._table(seq_id)
+            pool = self.quantized_pool if quantized else self.pool
+            if table.num_tokens or table.quantized_ids or table.dense_blocks:
+                raise CacheValidationError(f"sequence {seq_id} is not empty; a prefix can only start a sequence")
+            if pool is None:
+                raise CacheValidationError("the pool is not allocated yet (or not quantized); initialize it first")
+            pool.share(block_ids)
+            tokens = len(block_ids) * self.block_size
+            if quantized:
+                table.quantized_ids = list(block_ids)
+                table.layer_sealed = [tokens] * self.num_layers
+            else:
+                table.dense_blocks = dict(enumerate(block_ids))
+            table.layer_lengths = [tokens] * self.num_layers
+            self._version += 1
 
     def fork(self, seq_id: int) -> int:
         """A new sequence sharing every block of `seq_id` (no copy until one of them writes a shared block)."""
@@ -155,10 +185,7 @@ class KVStore:
             if self.sealer is not None and max(table.layer_sealed) > num_tokens:
                 self.sealer.unseal(table, num_tokens)
             table.layer_lengths = [min(length, num_tokens) for length in table.layer_lengths]
-            keep = blocks_needed(table.num_tokens, self.block_size)
-            dropped = [logical for logical in table.dense_blocks if logical >= keep]
-            if self.pool is not None and dropped:
-                self.pool.release(table.dense_blocks.pop(logical) for logical in dropped)
+            self._release_beyond(table)
             self._version += 1
 
     def reset(self) -> None:
@@ -172,6 +199,12 @@ class KVStore:
         with self._lock:
             table = self._table(seq_id)
             return table.num_tokens if layer is None else table.layer_lengths[layer]
+
+    def num_seen(self, seq_id: int, layer: int) -> int:
+        """Tokens a sequence has seen in `layer`, evicted ones included (the next token's position)."""
+        with self._lock:
+            table = self._table(seq_id)
+            return table.layer_lengths[layer] + table.layer_evicted[layer]
 
     def num_sealed(self, seq_id: int, layer: int) -> int:
         """Tokens of a sequence held in quantized blocks in `layer`."""
@@ -233,6 +266,8 @@ class KVStore:
             write_dense(self.pool.dense(layer), tables, plans, rows)
             for table, plan in zip(tables, plans, strict=True):
                 table.layer_lengths[layer] = plan.end
+                if self._mass is not None:  # a new token has received no attention yet
+                    self._mass[layer][self._slots(table, plan.end)[plan.start :]] = 0
 
     def read(self, seq_ids: Sequence[int], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the sequences in `layer`, oldest first, for attention (dequantized if sealed).
@@ -273,6 +308,113 @@ class KVStore:
             values = value_out.view(flat_shape)[:, :length].transpose(1, 2)
             return keys, values
 
+    def keep_tokens(self, seq_ids: Sequence[int], layer: int, keep: torch.Tensor) -> None:
+        """Evict every token of `layer` but `keep` and compact the kept ones to the front (order preserved).
+
+        keep: `[batch, kv_heads, kept]` int64 cache indices, ascending per row and head (each KV head may keep
+        different tokens; all keep the same number). Blocks no layer needs any more are released.
+        """
+        with self._lock:
+            tables = [self._table(s) for s in seq_ids]
+            pool = self.pool
+            if pool is None or self.quantized_pool is not None:
+                raise CacheValidationError("token eviction needs an allocated full-precision (unquantized) store")
+            kept = keep.shape[-1]
+            size = self.block_size
+            for row, table in enumerate(tables):
+                length = table.layer_lengths[layer]
+                if keep.shape[:2] != (len(tables), pool.block_format.kv_heads) or kept > length:
+                    raise CacheValidationError(
+                        f"keep has shape {tuple(keep.shape)}; expected [batch, kv_heads, <= {length}]"
+                    )
+                self._make_private(table, range(blocks_needed(kept, size)))
+                slots = self._slots(table, length)
+                dense = pool.dense(layer)
+                heads = torch.arange(keep.shape[1], device=pool.device)
+                source = slots[keep[row].to(pool.device)].T  # [kept, kv_heads]: slot of each kept token, per head
+                for storage in self._token_storages(layer, dense):
+                    storage[slots[:kept]] = storage[source, heads]
+                table.layer_lengths[layer] = kept
+                table.layer_evicted[layer] += length - kept
+                self._release_beyond(table)
+
+    def add_attention_mass(self, seq_ids: Sequence[int], layer: int, mass: torch.Tensor) -> None:
+        """Accumulate attention received per token: mass `[batch, kv_heads, tokens]` (fp32, tokens = held)."""
+        with self._lock:
+            if self._mass is None:
+                raise CacheValidationError("this store does not track attention mass (no LFU/ADAPTIVE eviction)")
+            for row, seq_id in enumerate(seq_ids):
+                table = self._table(seq_id)
+                slots = self._slots(table, table.layer_lengths[layer])
+                self._mass[layer].index_add_(0, slots, mass[row, :, : slots.numel()].T.float())
+
+    def attention_mass(self, seq_id: int, layer: int) -> torch.Tensor:
+        """Accumulated attention per held token of one sequence: `[kv_heads, tokens]` fp32."""
+        with self._lock:
+            if self._mass is None:
+                raise CacheValidationError("this store does not track attention mass (no LFU/ADAPTIVE eviction)")
+            table = self._table(seq_id)
+            return self._mass[layer][self._slots(table, table.layer_lengths[layer])].T
+
+    def _slots(self, table: BlockTable, length: int) -> torch.Tensor:
+        """`[length]` int64 slots (block id * block_size + offset) of a table's first `length` full-precision tokens."""
+        assert self.pool is not None
+        ids = torch.tensor([table.dense_blocks[x] for x in range(blocks_needed(length, self.block_size))])
+        offsets = torch.arange(self.block_size)
+        return (ids[:, None] * self.block_size + offsets).flatten()[:length].to(self.pool.device)
+
+    def _token_storages(self, layer: int, dense: DenseBlocks) -> list[torch.Tensor]:
+        """Per-slot tensors of `layer` that move with a token: keys, values and, if tracked, attention mass."""
+        return [dense.key_slots, dense.value_slots, *([self._mass[layer]] if self._mass is not None else [])]
+
+    def _make_private(self, table: BlockTable, logicals: range) -> None:
+        """Copy-on-write the shared full-precision blocks among `logicals` before they are rewritten."""
+        assert self.pool is not None
+        shared = [x for x in logicals if self.pool.ref_count(table.dense_blocks[x]) > 1]
+        if len(shared) > self.pool.num_free:
+            raise CacheMemoryError(
+                f"requested {len(shared)} blocks (copy-on-write) but only {self.pool.num_free} are free; "
+                f"raise {self.pool.capacity_hint}"
+            )
+        for logical in shared:
+            old = table.dense_blocks[logical]
+            (table.dense_blocks[logical],) = self.pool.allocate(1)
+            self.pool.copy_block(old, table.dense_blocks[logical])
+            self._copy_mass(old, table.dense_blocks[logical])
+            self.pool.release([old])
+            self._version += 1
+
+    def _copy_mass(self, src: int, dst: int) -> None:
+        if self._mass is not None:
+            size = self.block_size
+            for mass in self._mass:
+                mass[dst * size : (dst + 1) * size] = mass[src * size : (src + 1) * size]
+
+    def _release_beyond(self, table: BlockTable) -> None:
+        """Release full-precision blocks past what any layer holds."""
+        keep = blocks_needed(table.num_tokens, self.block_size)
+        dropped = [logical for logical in table.dense_blocks if logical >= keep]
+        if dropped and self.pool is not None:
+            self.pool.release(table.dense_blocks.pop(logical) for logical in dropped)
+            self._version += 1
+
+    def paged_kv(self, seq_ids: Sequence[int], layer: int) -> PagedKV:
+        """`layer` of the sequences as the attention kernels read it: block tables and lengths, no copy.
+
+        Rows may hold different numbers of tokens (see `block_views.paged_view`).
+        """
+        with self._lock:
+            if self.pool is None:
+                raise CacheValidationError("the cache holds no tokens yet")
+            tables = [self._table(s) for s in seq_ids]
+            key = (tuple(seq_ids), layer, *(t.layer_lengths[layer] for t in tables))
+            view = self._paged_views.get(key, self._version)
+            if view is None:
+                view = self._paged_views.put(
+                    key, self._version, paged_view(tables, layer, self.pool, self.quantized_pool)
+                )
+            return view
+
     def block_table_tensor(
         self, seq_ids: Sequence[int], first: int, count: int, quantized: bool = False
     ) -> torch.Tensor:
@@ -288,32 +430,30 @@ class KVStore:
         """`block_table_tensor`, and the first id when the batch is one row of consecutive ids (else None)."""
         with self._lock:
             key = (tuple(seq_ids), first, count, quantized)
-            cached = self._table_cache.get(key)
-            if cached is not None and cached[0] == self._version:
-                return cached[1], cached[2]
-            tables = [self._table(s) for s in seq_ids]
-            if quantized:
-                rows = [t.quantized_ids[first : first + count] for t in tables]
-            else:
-                rows = [[t.dense_blocks[logical] for logical in range(first, first + count)] for t in tables]
-            assert self.pool is not None
-            tensor = torch.tensor(rows, dtype=torch.long, device=self.pool.device)
-            row = rows[0]
-            run = row[0] if len(rows) == 1 and row and row == list(range(row[0], row[0] + count)) else None
-            if len(self._table_cache) > 64:
-                self._table_cache.clear()
-            self._table_cache[key] = (self._version, tensor, run)
-            return tensor, run
+            cached = self._block_tables.get(key, self._version)
+            if cached is None:
+                assert self.pool is not None
+                rows = block_rows([self._table(s) for s in seq_ids], first, count, quantized)
+                tensor = torch.tensor(rows, dtype=torch.long, device=self.pool.device)
+                cached = self._block_tables.put(key, self._version, (tensor, consecutive_run(rows)))
+            return cached
 
     # ------------------------------------------------------------------------------------------ invariants
-    def check_invariants(self) -> None:
-        """Raise `CacheError` if a block leaked, is double-counted, or a table does not cover its tokens."""
+    def check_invariants(
+        self, dense_holders: Sequence[Sequence[int]] = (), quantized_holders: Sequence[Sequence[int]] = ()
+    ) -> None:
+        """Raise `CacheError` if a block leaked, is double-counted, or a table does not cover its tokens.
+
+        `dense_holders` / `quantized_holders`: block ids referenced by holders other than the sequences (a prefix
+        cache), one list per reference.
+        """
         with self._lock:
             if self.pool is None:
                 return
-            self.pool.check_invariants(t.block_ids for t in self._tables.values())
+            self.pool.check_invariants([*(t.block_ids for t in self._tables.values()), *dense_holders])
             if self.quantized_pool is not None:
-                self.quantized_pool.check_invariants(t.quantized_ids for t in self._tables.values())
+                sealed_holders = [*(t.quantized_ids for t in self._tables.values()), *quantized_holders]
+                self.quantized_pool.check_invariants(sealed_holders)
             for seq_id, table in self._tables.items():
                 needed = {
                     logical
@@ -374,6 +514,7 @@ class KVStore:
                 if pool.ref_count(old) > 1:  # copy-on-write; the last holder keeps the block
                     (table.dense_blocks[logical],) = pool.allocate(1)
                     pool.copy_block(old, table.dense_blocks[logical])
+                    self._copy_mass(old, table.dense_blocks[logical])
                     pool.release([old])
                     self._version += 1
 
@@ -430,47 +571,19 @@ class KVStore:
 
         `seq_ids=None` checks everything but the batch size.
         """
-        if not isinstance(key, torch.Tensor) or not isinstance(value, torch.Tensor):
-            got = f"{type(key).__name__}, {type(value).__name__}"
-            raise CacheValidationError(f"key and value must be tensors; got {got}")
-        if key.dim() != 4:
-            raise CacheValidationError(
-                f"key has shape {tuple(key.shape)}; expected 4 dims [batch, kv_heads, tokens, head_dim]"
-            )
-        if value.shape != key.shape:
-            raise CacheValidationError(f"value shape {tuple(value.shape)} differs from key shape {tuple(key.shape)}")
-        if seq_ids is not None and key.shape[0] != len(seq_ids):
-            raise CacheValidationError(f"key has batch {key.shape[0]} but {len(seq_ids)} sequence ids were given")
         if not 0 <= layer < self.num_layers:
             raise CacheValidationError(f"layer={layer} is out of range; this cache has {self.num_layers} layers")
-        if key.dtype not in _FLOAT_DTYPES or value.dtype != key.dtype:
-            raise CacheValidationError(
-                f"key/value dtypes are {key.dtype}/{value.dtype}; expected one of float32, float16, bfloat16, "
-                "the same for both"
-            )
-        finite_checked = self.layer_bits is not None and self.config.check_finite
-        if finite_checked and not bool(torch.isfinite(key).all() & torch.isfinite(value).all()):
-            raise CacheValidationError(
-                "key/value hold NaN or Inf; a quantized cache refuses them (they would poison a block's "
-                "scales). Fix the model's numerics, or set check_finite=False to skip this check"
-            )
-        pool = self.pool
-        if pool is None:
-            if self.config.device != "auto" and key.device != self.config.resolved_device():
-                raise CacheValidationError(f"key is on {key.device} but the config sets device={self.config.device!r}")
-            return
-        fmt = pool.block_format
-        if key.shape[1] != fmt.kv_heads or key.shape[3] != fmt.head_dim:
-            raise CacheValidationError(
-                f"key has {key.shape[1]} KV heads x head_dim {key.shape[3]}; this cache holds "
-                f"{fmt.kv_heads} KV heads x head_dim {fmt.head_dim}"
-            )
-        if key.dtype != self.model_dtype:
-            raise CacheValidationError(f"key dtype is {key.dtype}; this cache was filled with {self.model_dtype}")
-        if key.device != pool.device or value.device != pool.device:
-            raise CacheValidationError(
-                f"key/value are on {key.device}/{value.device}; this cache lives on {pool.device}"
-            )
+        expected = StateSpec(
+            batch=None if seq_ids is None else len(seq_ids),
+            block_format=None if self.pool is None else self.pool.block_format,
+            dtype=self.model_dtype,
+            device=self.pool.device if self.pool is not None else self._configured_device(),
+            finite=self.layer_bits is not None and self.config.check_finite,
+        )
+        check_states(key, value, expected)
+
+    def _configured_device(self) -> torch.device | None:
+        return None if self.config.device == "auto" else self.config.resolved_device()
 
 
 def _copies_needed(pool: BlockPool, shared: list[list[int]]) -> int:

@@ -19,6 +19,7 @@ from kv_cache.errors import CacheValidationError
 from kv_cache.kv_store import KVStore
 from kv_cache.profiler import Profiler
 from kv_cache.stats import CacheStatsTracker, build_stats, store_gauges
+from kv_cache.token_eviction import TokenEvictor
 
 
 class BaseKVCache:
@@ -31,6 +32,7 @@ class BaseKVCache:
     def __init__(self, config: KVCacheConfig | None = None) -> None:
         self.config = config or KVCacheConfig()
         self.store = KVStore(self.config, num_layers=1)
+        self.evictor = TokenEvictor(self.config, self.store) if self.config.evicts_tokens else None
         self.tracker = CacheStatsTracker(self.config.history_size)
         self.profiler = Profiler(self.config.enable_profiling)
         self.seq_ids: list[int] = []
@@ -48,35 +50,61 @@ class BaseKVCache:
 
         Returns:
             `(keys, values, info)`: `[batch, kv_heads, cached + tokens, head_dim]` each, and a dict with
-            `cache_position`, `seq_length`, `cached_tokens` and `new_tokens`.
+            `cache_position`, `seq_length` (tokens seen), `cached_tokens` (held before this call), `new_tokens`
+            and `evicted_tokens` (seen but no longer held, with `token_budget`/`compression_ratio`).
         """
         with self.profiler.record("forward"):
             self.store.validate_inputs(self.seq_ids or None, 0, key, value)
             if not self.seq_ids:
                 self.seq_ids = [self.store.add_sequence() for _ in range(key.shape[0])]
-            length = self.seq_length
-            position = self._start_position(cache_position, key.shape[2], length)
-            if position < length:
-                for seq_id in self.seq_ids:
-                    self.store.truncate(seq_id, position)
+            seen = self.seq_length
+            position = self._start_position(cache_position, key.shape[2], seen)
+            if position < seen:
+                self._rewind(position)
+            if self.evictor is not None:
+                self.evictor.evict(self.seq_ids, 0, incoming=key.shape[2])
+            cached = self.store.num_tokens(self.seq_ids[0])
             self.store.append(self.seq_ids, 0, key, value)
             keys, values = self.store.read(self.seq_ids, 0)
-        self.tracker.record_read(position * len(self.seq_ids), key.shape[2] * len(self.seq_ids))
+        self.tracker.record_read(cached * len(self.seq_ids), key.shape[2] * len(self.seq_ids))
         self.tracker.snapshot(store_gauges(self.store))
         info = {
             "cache_position": position,
             "seq_length": position + key.shape[2],
-            "cached_tokens": position,
+            "cached_tokens": cached,
             "new_tokens": key.shape[2],
+            "evicted_tokens": position - cached,
         }
         return keys, values, info
+
+    def record_attention(self, weights: torch.Tensor) -> None:
+        """Feed the attention weights of the last `forward` to LFU/ADAPTIVE token eviction (heavy hitters).
+
+        weights: `[batch, q_heads, q_len, tokens]` softmax weights over the tokens `forward` returned.
+        """
+        if self.evictor is None or not self.evictor.needs_attention_mass:
+            raise CacheValidationError("record_attention needs token eviction with cache_strategy LFU or ADAPTIVE")
+        if not isinstance(weights, torch.Tensor) or weights.dim() != 4:
+            raise CacheValidationError("weights must be a tensor [batch, q_heads, q_len, tokens]")
+        self.evictor.observe(self.seq_ids, 0, weights.float().mean(2), weights.shape[2])
+
+    def _rewind(self, position: int) -> None:
+        """Drop every token from `position` on (only possible while nothing was evicted before it)."""
+        held = self.store.num_tokens(self.seq_ids[0])
+        if held != self.seq_length:
+            raise CacheValidationError(
+                f"cache_position={position} rewrites tokens, but {self.seq_length - held} tokens were evicted "
+                "already; only appending at the end is possible with token eviction"
+            )
+        for seq_id in self.seq_ids:
+            self.store.truncate(seq_id, position)
 
     __call__ = forward
 
     @property
     def seq_length(self) -> int:
-        """Tokens cached per sequence."""
-        return self.store.num_tokens(self.seq_ids[0]) if self.seq_ids else 0
+        """Tokens seen per sequence (evicted ones included): the next token's position."""
+        return self.store.num_seen(self.seq_ids[0], 0) if self.seq_ids else 0
 
     def get_stats(self, include_history: bool = False, include_quantization_error: bool = False) -> dict[str, Any]:
         """Tokens, blocks used/free, `storage_memory_mb`, `hit_rate`, `profiling` and optionally `history`."""

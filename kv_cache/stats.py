@@ -67,15 +67,18 @@ class CacheStatsTracker:
 def store_gauges(store: KVStore) -> dict[str, Any]:
     """Memory and occupancy of a store: tokens, sequences, blocks, MiB, and bytes per token.
 
-    `bytes_per_token` is what one more cached token costs in steady state (the sealed format when quantized),
-    `compression_ratio` the model dtype's bytes per token over it, and `effective_bytes_per_token` the memory
-    of the blocks in use over the tokens they hold (full-precision tail and partly filled blocks included).
+    `tokens` counts the tokens held, `tokens_seen` also those evicted. `bytes_per_token` is what one more held
+    token costs in steady state (the sealed format when quantized), `compression_ratio` the model dtype's bytes
+    per token over it, and `effective_bytes_per_token` the memory of the blocks in use over the tokens seen
+    (full-precision tail, partly filled blocks and eviction all accounted).
     """
     sequences = store.sequence_ids
     tokens = sum(store.num_tokens(s) for s in sequences)
+    seen = sum(store.num_seen(s, 0) for s in sequences)
     pools = [p for p in (store.pool, store.quantized_pool) if p is not None]
     gauges: dict[str, Any] = {
         "tokens": tokens,
+        "tokens_seen": seen,
         "sequences": len(sequences),
         "blocks_used": sum(p.num_used for p in pools),
         "blocks_free": sum(p.num_free for p in pools),
@@ -90,7 +93,7 @@ def store_gauges(store: KVStore) -> dict[str, Any]:
     model_bytes = dense.bytes_per_token * _element_size(store.model_dtype) / _element_size(dense.dtype)
     gauges["bytes_per_token"] = steady.bytes_per_token
     gauges["compression_ratio"] = model_bytes / steady.bytes_per_token
-    gauges["effective_bytes_per_token"] = gauges["used_memory_mb"] * 2**20 / tokens if tokens else 0.0
+    gauges["effective_bytes_per_token"] = gauges["used_memory_mb"] * 2**20 / seen if seen else 0.0
     if store.quantized_pool is not None:
         gauges["quantized_blocks_used"] = store.quantized_pool.num_used
         gauges["full_precision_blocks_used"] = store.pool.num_used

@@ -26,7 +26,7 @@ def test_forward_returns_everything_cached() -> None:
     k1, v1 = states(2, 5, 0)
     keys, values, info = cache.forward(k1, v1, cache_position=0)
     assert torch.equal(keys, k1) and torch.equal(values, v1)
-    assert info == {"cache_position": 0, "seq_length": 5, "cached_tokens": 0, "new_tokens": 5}
+    assert info == {"cache_position": 0, "seq_length": 5, "cached_tokens": 0, "new_tokens": 5, "evicted_tokens": 0}
     k2, v2 = states(2, 1, 1)
     keys, values, info = cache.forward(k2, v2, cache_position=torch.tensor([5]))
     assert torch.equal(keys, torch.cat([k1, k2], 2)) and info["cached_tokens"] == 5

@@ -1,0 +1,302 @@
+"""Triton attention over paged K/V: `decode` and `prefill` with the reference's signature, and their launcher.
+
+One split-K kernel (`triton_kernels.paged_attention_kernel`) serves both: decode is a query tile of one token
+whose GQA group fills the rows, prefill tiles the query tokens too. Layouts are in `paged_kv`; this module adds the
+kernels' requirements, checked before launch (CacheValidationError otherwise):
+
+- CUDA tensors, or CPU tensors when the kernels were imported under `TRITON_INTERPRET=1` (Triton's interpreter);
+- caches, codes, scales, zeros and lengths contiguous; block tables with unit stride along blocks; the query's
+  last dimension contiguous;
+- head_dim, the quantized block size and the value group size powers of two >= 16, and packed parts and value
+  chunks of >= 16 channels (`tl.arange`, `tl.dot` tiles; `unsupported_shape` says which rule fails).
+
+Without `return_attention_mass` the launch reads no data on the host (no device sync), so it can be captured in
+a CUDA graph. The mass needs the longest sequence length for its width: one sync, then a second pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kv_cache.attention import triton_kernels as kernels
+from kv_cache.attention.paged_kv import AttentionOptions, AttentionOutput, PagedKV, QuantizedKV, validate
+from kv_cache.errors import CacheValidationError
+
+LOG2_E = 1.4426950408889634
+PROGRAMS_PER_SM = 4  # split until the grid has about this many programs per multiprocessor
+MIN_TILES_PER_SPLIT = 2
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters. `choose_config` picks them; tests and benchmarks may pass their own.
+
+    block_m: query rows per program (GQA heads x query tokens, >= 16, a power of two).
+    tile_n: tail tokens per tile (a power of two >= 16). A quantized tile is one quantized block.
+    quant_splits, tail_splits: programs per (sequence, KV head, query tile) over the quantized blocks and the tail.
+    """
+
+    block_m: int
+    tile_n: int
+    quant_splits: int
+    tail_splits: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def decode(
+    query: torch.Tensor,
+    kv: PagedKV,
+    *,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    sink_tokens: int = 0,
+    return_attention_mass: bool = False,
+) -> AttentionOutput:
+    """Attention of one new query token per sequence; same contract as `reference.decode`.
+
+    query: `[batch, q_heads, head_dim]`. Returns `[batch, q_heads, head_dim]` in the query dtype (and the mass
+    `[batch, q_heads, seq_len]` fp32 if asked).
+    """
+    validate(query, kv, query_dims=3)
+    options = AttentionOptions(scale, sliding_window, sink_tokens, return_attention_mass)
+    output, mass = launch(query.unsqueeze(2), kv, options)
+    return (output.squeeze(2), mass) if mass is not None else output.squeeze(2)
+
+
+def prefill(
+    query: torch.Tensor,
+    kv: PagedKV,
+    *,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    sink_tokens: int = 0,
+    return_attention_mass: bool = False,
+) -> AttentionOutput:
+    """Causal attention of the last q_len cached tokens; same contract as `reference.prefill`.
+
+    query: `[batch, q_heads, q_len, head_dim]`. Returns `[batch, q_heads, q_len, head_dim]` in the query dtype
+    (and the mass averaged over the queries, `[batch, q_heads, seq_len]` fp32, if asked).
+    """
+    validate(query, kv, query_dims=4)
+    options = AttentionOptions(scale, sliding_window, sink_tokens, return_attention_mass)
+    output, mass = launch(query, kv, options)
+    return (output, mass) if mass is not None else output
+
+
+def launch(
+    query: torch.Tensor, kv: PagedKV, options: AttentionOptions, config: KernelConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the kernels. query `[batch, q_heads, q_len, head_dim]` -> (output like query, mass or None).
+
+    `query` and `kv` must have passed `paged_kv.validate`; this checks what the kernels need on top.
+    """
+    check_kernel_inputs(query, kv)
+    batch, q_heads, q_len, head_dim = query.shape
+    config = config or choose_config(query, kv)
+    num_splits = config.quant_splits + config.tail_splits
+    direct = kv.quantized is None and num_splits == 1
+    part_rows = 1 if direct else batch * q_heads * q_len * num_splits
+    job = _Job(
+        query,
+        kv,
+        options,
+        config,
+        output=torch.empty(query.shape, dtype=query.dtype, device=query.device),
+        lse=torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=query.device),
+        partial=torch.empty((part_rows, head_dim), dtype=torch.float32, device=query.device),
+        stats=torch.empty((part_rows, 2), dtype=torch.float32, device=query.device),
+    )
+    _run_kernel(job, job.lse, 0, (kernels.MODE_DIRECT if direct else kernels.MODE_SPLIT).value)
+    if not direct:
+        kernels.reduce_splits_kernel[(batch * q_heads * q_len,)](
+            job.partial,
+            job.stats,
+            job.output,
+            job.lse,
+            num_splits,
+            HEAD_DIM=head_dim,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+        )
+    if not options.return_attention_mass:
+        return job.output, None
+    mass_len = int(kv.total_lens().max()) if batch else 0
+    mass = torch.zeros((batch, q_heads, mass_len), dtype=torch.float32, device=query.device)
+    _run_kernel(job, mass, mass_len, kernels.MODE_MASS.value)
+    return job.output, mass
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One call's inputs and buffers: output like query, lse `[batch, q_heads, q_len]` fp32 (log2), and the
+    splits' partial accumulators `[rows * splits, head_dim]` fp32 with their (max, sum) `[rows * splits, 2]`."""
+
+    query: torch.Tensor
+    kv: PagedKV
+    options: AttentionOptions
+    config: KernelConfig
+    output: torch.Tensor
+    lse: torch.Tensor
+    partial: torch.Tensor
+    stats: torch.Tensor
+
+
+def _run_kernel(job: _Job, mass: torch.Tensor, mass_len: int, mode: int) -> None:
+    """One launch of the attention kernel in `mode`; mass `[batch, q_heads, mass_len]` fp32 is used by MODE_MASS."""
+    query, kv, options, config = job.query, job.kv, job.options, job.config
+    batch, q_heads, q_len, head_dim = query.shape
+    group = q_heads // kv.kv_heads
+    group_pad = triton.next_power_of_2(group)
+    part = kv.quantized
+    quant = _quant_args(part) if part is not None else (kv.key_cache,) * 6 + (kv.block_table, kv.seq_lens)
+    splits = config.quant_splits + config.tail_splits
+    grid = (batch * kv.kv_heads, splits, math.ceil(q_len / (config.block_m // group_pad)))
+    window = options.sliding_window
+    kernels.paged_attention_kernel[grid](
+        query, job.output, job.lse, job.partial, job.stats, mass,
+        kv.key_cache, kv.value_cache, kv.block_table, kv.seq_lens, *quant,
+        query.stride(0), query.stride(1), query.stride(2), kv.block_table.stride(0), quant[6].stride(0),
+        kv.kv_heads, q_len, mass_len, options.softmax_scale(head_dim) * LOG2_E, window or 0, options.sink_tokens,
+        config.quant_splits, config.tail_splits,
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_M=config.block_m, HEAD_DIM=head_dim, BLOCK_SIZE=kv.block_size,
+        TILE_N=config.tile_n, QBLOCK=part.block_size if part else 16, BITS=part.bits if part else 8,
+        VGROUP=part.group_size if part else 16, VCHUNK=_value_chunk(part, head_dim), HAS_QUANT=part is not None,
+        HAS_WINDOW=window is not None,
+        MODE=mode, DOT_DTYPE=_dot_dtype(kv.key_cache.dtype),
+        PRECISION="ieee" if kv.key_cache.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+
+
+def _dot_dtype(cache_dtype: torch.dtype) -> tl.dtype:
+    """The dtype the tail's dot operands take: the cache's, except bf16 under the interpreter.
+
+    Triton 3.9's interpreter returns garbage for a bf16 `tl.dot` (its loads and stores of bf16 are right), so
+    there the operands go to fp32, which holds every bf16 value exactly.
+    """
+    if cache_dtype == torch.bfloat16:
+        return tl.float32 if kernels_interpreted() else tl.bfloat16
+    return tl.float16 if cache_dtype == torch.float16 else tl.float32
+
+
+def _value_chunk(part: QuantizedKV | None, head_dim: int) -> int:
+    """Channels per value accumulator: within one packed part and one scale group."""
+    if part is None:
+        return 16
+    return min(head_dim * part.bits // 8, part.group_size)
+
+
+def _quant_args(part: QuantizedKV) -> tuple[torch.Tensor, ...]:
+    return (
+        part.key_codes,
+        part.key_scale,
+        part.key_zero,
+        part.value_codes,
+        part.value_scale,
+        part.value_zero,
+        part.block_table,
+        part.seq_lens,
+    )
+
+
+def choose_config(query: torch.Tensor, kv: PagedKV) -> KernelConfig:
+    """Launch parameters from the shapes alone (no data read): split until the grid fills the GPU.
+
+    query: `[batch, q_heads, q_len, head_dim]`. Row tiles stay at 16 rows where bigger ones spill registers
+    (quantized blocks, fp32 caches; checked with the sm_90 compiler's resource report), else up to 64 rows.
+    """
+    batch, q_heads, q_len, _ = query.shape
+    group_pad = triton.next_power_of_2(q_heads // kv.kv_heads)
+    fp32 = kv.key_cache.dtype == torch.float32
+    max_rows = 16 if kv.quantized is not None or fp32 else 64
+    block_m = max(16, min(group_pad * triton.next_power_of_2(q_len), max(max_rows, group_pad)))
+    query_tiles = math.ceil(q_len / (block_m // group_pad))
+    wanted = math.ceil(PROGRAMS_PER_SM * _multiprocessors(query.device) / (batch * kv.kv_heads * query_tiles))
+    tile_n = 64 if kv.block_table.shape[1] * kv.block_size > 64 and not fp32 else 32
+    tail_tiles = math.ceil(kv.block_table.shape[1] * kv.block_size / tile_n)
+    tail_splits = max(1, min(wanted, math.ceil(tail_tiles / MIN_TILES_PER_SPLIT)))
+    quant_splits = 0
+    if kv.quantized is not None:
+        quant_splits = max(1, min(wanted, math.ceil(kv.quantized.block_table.shape[1] / MIN_TILES_PER_SPLIT)))
+        tail_splits = max(1, min(tail_splits, math.ceil(tail_tiles / 4)))  # the tail is short: few splits
+    # 4 warps for decode tiles, quantized ones included (measured on the H100: INT4 at B=8, T=16k takes 173 us
+    # with 4 warps, 241 us with 8); 8 where 64-row tiles or fp32 would spill.
+    num_warps = 8 if block_m >= 64 or fp32 else 4
+    return KernelConfig(block_m, tile_n, quant_splits, tail_splits, num_warps=num_warps)
+
+
+@functools.lru_cache(maxsize=8)
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter runs programs one by one: fewer is faster
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def kernels_interpreted() -> bool:
+    """Whether the kernels were built by Triton's CPU interpreter (`TRITON_INTERPRET=1` when imported)."""
+    return bool(kernels.INTERPRETED.value)
+
+
+def check_kernel_inputs(query: torch.Tensor, kv: PagedKV) -> None:
+    """Raise CacheValidationError unless the kernels can read these tensors (see the module docstring)."""
+    if query.device.type != "cuda" and not kernels_interpreted():
+        raise CacheValidationError(
+            f"the Triton backend runs on CUDA tensors, got {query.device}; use backend='reference', or set "
+            "TRITON_INTERPRET=1 before importing kv_cache.attention's Triton modules to interpret them on the CPU"
+        )
+    if query.stride(-1) != 1:
+        raise CacheValidationError("query must be contiguous in head_dim (stride 1); call .contiguous()")
+    reason = unsupported_shape(kv)
+    if reason is not None:
+        raise CacheValidationError(f"the Triton backend cannot run this cache: {reason}; use backend='reference'")
+    tensors = {"key_cache": kv.key_cache, "value_cache": kv.value_cache, "seq_lens": kv.seq_lens}
+    tables = {"block_table": kv.block_table}
+    if kv.quantized is not None:
+        part = kv.quantized
+        tensors.update({name: getattr(part, name) for name in part.__dataclass_fields__ if name != "block_table"})
+        tables["quantized.block_table"] = part.block_table
+    for name, tensor in tensors.items():
+        if not tensor.is_contiguous():
+            raise CacheValidationError(f"{name} must be contiguous for the Triton backend; call .contiguous()")
+    for name, table in tables.items():
+        if table.shape[1] > 1 and table.stride(1) != 1:
+            raise CacheValidationError(f"{name} must have stride 1 along blocks; call .contiguous()")
+
+
+def shapes_supported(kv: PagedKV) -> bool:
+    """Whether the kernels can take these shapes (see `unsupported_shape`)."""
+    return unsupported_shape(kv) is None
+
+
+def unsupported_shape(kv: PagedKV) -> str | None:
+    """Why the kernels cannot take these shapes, or None.
+
+    head_dim, the quantized block size and the value group size must be powers of two >= 16 (`tl.arange`), and
+    every `tl.dot` needs >= 16 along each side: a packed part (head_dim * bits / 8 channels) and a value chunk
+    (one part within one group) must hold >= 16 channels, with at most 4 chunks per head.
+    """
+    sizes = {"head_dim": kv.head_dim}
+    if kv.quantized is not None:
+        sizes |= {"quantized block_size": kv.quantized.block_size, "value group_size": kv.quantized.group_size}
+    for name, size in sizes.items():
+        if not _is_tile_size(size):
+            return f"{name}={size} must be a power of two >= 16"
+    part = kv.quantized
+    if part is not None:
+        packed, chunk = kv.head_dim * part.bits // 8, _value_chunk(part, kv.head_dim)
+        if packed < 16 or chunk < 16 or chunk * 4 < kv.head_dim:
+            return (
+                f"INT{part.bits} with head_dim={kv.head_dim} and value group_size={part.group_size} gives packed "
+                f"parts of {packed} channels and value chunks of {chunk}; both must be >= 16 and >= head_dim / 4"
+            )
+    return None
+
+
+def _is_tile_size(value: int) -> bool:
+    return value >= 16 and value & (value - 1) == 0

@@ -1,0 +1,143 @@
+"""Attention over the paged store inside Hugging Face models: an `AttentionInterface` implementation.
+
+    name = register_attention()                       # explicit: importing kv_cache registers nothing
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=name)   # or model.set_attn_implementation
+    model.generate(ids, past_key_values=KVCache(config, model.config))
+
+With this implementation `KVCache.update` only stores the new keys/values (no dense copy of the cache) and the
+attention function reads the blocks in their stored format through `kv_cache.attention` (Triton on CUDA, the
+torch reference elsewhere). Transformers does not pass the cache to attention functions, so `update` hands the
+layer over in a context variable that the attention function of the same layer consumes right after.
+
+A left-padded batch (a 2-D mask with zeros) falls back to the cache's dense read and SDPA with that mask:
+correct, but without the paged kernels. Causality, sliding windows and GQA are the kernels' job.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from kv_cache import attention
+from kv_cache.errors import CacheError
+
+if TYPE_CHECKING:
+    from kv_cache.hf_cache import KVCache
+
+ATTENTION_NAME = "kv_cache_paged"
+
+
+@dataclass(frozen=True)
+class LayerHandoff:
+    """What `KVCache.update` leaves for the attention function of the same layer."""
+
+    cache: KVCache
+    layer_idx: int
+
+
+_HANDOFF: ContextVar[LayerHandoff | None] = ContextVar("kv_cache_layer_handoff", default=None)
+
+
+def register_attention(name: str = ATTENTION_NAME) -> str:
+    """Register the paged attention (and its mask function) with transformers under `name`; returns `name`."""
+    AttentionInterface.register(name, paged_attention)
+    AttentionMaskInterface.register(name, padding_mask)
+    return name
+
+
+def hand_off(cache: KVCache, layer_idx: int) -> None:
+    """Called by `KVCache.update`: the next attention call of `layer_idx` reads this cache."""
+    _HANDOFF.set(LayerHandoff(cache, layer_idx))
+
+
+def padding_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """The 2-D padding mask `[batch, kv_length]` bool, or None when no token is padded (the kernels' fast path)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return attention_mask
+    window = attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
+    return None if bool(window.all()) else window
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention of `query` `[batch, q_heads, q_len, head_dim]` over the paged cache of `module`'s layer.
+
+    `key`/`value` are the new tokens only (already stored); returns `[batch, q_len, q_heads, head_dim]`.
+    """
+    handoff = _HANDOFF.get()
+    layer_idx = getattr(module, "layer_idx", None)
+    if handoff is None or handoff.layer_idx != layer_idx:
+        raise CacheError(
+            f"attn_implementation={ATTENTION_NAME!r} reads a kv_cache KVCache: pass "
+            "past_key_values=KVCache(config, model.config) (layer handoff missing for layer {layer_idx})"
+        )
+    _HANDOFF.set(None)
+    cache = handoff.cache
+    window = kwargs.get("sliding_window")
+    if attention_mask is not None:
+        return _dense_fallback(cache, handoff.layer_idx, query, attention_mask, (scaling, window)), None
+    seq_ids, layer = cache.seq_ids or [], handoff.layer_idx
+    kv = cache.store.paged_kv(seq_ids, layer)
+    evictor = cache.evictor
+    wants_mass = evictor is not None and evictor.needs_attention_mass
+    mass = None
+    if query.shape[2] == 1 and wants_mass:
+        out, mass = attention.decode(
+            query[:, :, 0], kv, scale=scaling, sliding_window=window, return_attention_mass=True
+        )
+        out = out.unsqueeze(2)
+    elif query.shape[2] == 1:
+        out = attention.decode(query[:, :, 0], kv, scale=scaling, sliding_window=window).unsqueeze(2)
+    else:
+        out = attention.prefill(query, kv, scale=scaling, sliding_window=window)
+        if wants_mass:  # SnapKV: score the prompt by its last `observation_window` queries
+            observed = query[:, :, -cache.config.observation_window :]
+            _, mass = attention.prefill(observed, kv, scale=scaling, sliding_window=window, return_attention_mass=True)
+    if evictor is not None:
+        if mass is not None:
+            evictor.observe(seq_ids, layer, mass, min(query.shape[2], cache.config.observation_window))
+        evictor.evict(seq_ids, layer)
+    return out.transpose(1, 2), None
+
+
+def _dense_fallback(
+    cache: KVCache,
+    layer_idx: int,
+    query: torch.Tensor,
+    padding: torch.Tensor,
+    options: tuple[float | None, int | None],
+) -> torch.Tensor:
+    """SDPA over the dense read with the padding mask, causality and the sliding window folded in."""
+    scaling, window = options
+    keys, values = cache.store.read(cache.seq_ids or [], layer_idx)
+    q_len, kv_len = query.shape[2], keys.shape[2]
+    rows = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
+    cols = torch.arange(kv_len, device=query.device)[None, :]
+    visible = cols <= rows
+    if window is not None:
+        visible = visible & (cols > rows - window)
+    mask = visible[None, None] & padding[:, None, None, :]
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2)

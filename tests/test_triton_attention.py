@@ -1,0 +1,191 @@
+"""Tests of the Triton backend (`kv_cache.attention.triton_attention`) against fp64 dense attention.
+
+On a machine with CUDA they run the compiled kernels on the GPU. Without CUDA they run in Triton's CPU
+interpreter, which Triton chooses by reading `TRITON_INTERPRET` when `@triton.jit` wraps a function: for its own
+library (`tl.zeros_like`, `tl.sum`, ...) when `triton` is first imported, for our kernels when
+`kv_cache.attention.triton_kernels` is, and again when it lazily imports submodules at the first launch. Setting
+the variable once triton is loaded is too late, and unsetting it afterwards breaks those lazy imports. So:
+
+- in process (the usual case): `_load_backend` sets `TRITON_INTERPRET=1` before importing triton and leaves it set
+  for the rest of this pytest process. On a machine without CUDA that only means triton code is interpreted, the
+  one way it can run there (torch's inductor reads the variable only on its GPU path);
+- in a child process (when something earlier in this pytest process already imported triton compiled): every test
+  here skips, and `test_interpreter_in_child_process` reruns this file in a fresh `python -m pytest` with
+  `TRITON_INTERPRET=1` set from the start, failing with the child's output if any case fails.
+
+Interpreter cost is ~0.1 s per launch plus a few ms per (program x tile), so cases are tiny (head_dim 32, two
+sequences, <= 4 blocks, one KV head in the big grid) and the file stays well under a minute on two cores.
+
+Tolerances (atol = rtol) are float rounding: the tail's dot takes its operands in the cache dtype, the quantized
+path rounds q * key_scale and p * value_scale to fp16 before its dots (the codes themselves are exact in fp16).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from types import ModuleType
+from typing import NamedTuple
+
+import pytest
+import torch
+from test_attention import (
+    BITS,
+    FORMATS,
+    LENGTHS,
+    CaseSpec,
+    call,
+    check_against_dense,
+    make_case,
+    shape_errors,
+    spec_for,
+)
+
+from kv_cache.attention import reference
+from kv_cache.attention.paged_kv import AttentionOptions
+from kv_cache.errors import CacheValidationError
+
+KERNEL_MODULES = ("kv_cache.attention.triton_kernels", "kv_cache.attention.triton_attention")
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-3, "bf16": 1e-2, "int8": 1e-2, "int4": 1e-2, "int2": 1e-2}
+
+
+class Backend(NamedTuple):
+    module: ModuleType | None  # triton_attention, or None when the tests run in a child process
+    device: str
+
+
+def _load_backend() -> Backend:
+    """Import the Triton backend compiled (CUDA) or interpreted (CPU); see the module docstring."""
+    if torch.cuda.is_available():
+        pytest.importorskip("triton")
+        return Backend(importlib.import_module("kv_cache.attention.triton_attention"), "cuda")
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    pytest.importorskip("triton")
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl.zeros_like, InterpretedFunction):  # triton was imported compiled before this module
+        os.environ.pop("TRITON_INTERPRET") if previous is None else os.environ.update(TRITON_INTERPRET=previous)
+        return Backend(None, "cpu")
+    module = importlib.import_module("kv_cache.attention.triton_attention")
+    if not module.kernels_interpreted():  # our kernels were imported before the variable was set
+        for name in KERNEL_MODULES:
+            sys.modules.pop(name, None)
+        module = importlib.import_module("kv_cache.attention.triton_attention")
+    return Backend(module, "cpu")
+
+
+BACKEND = _load_backend()
+
+
+@pytest.fixture
+def triton_attention() -> ModuleType:
+    """The Triton backend module; skips when this file's tests run in a child process instead."""
+    if BACKEND.module is None:
+        pytest.skip(
+            "triton was imported compiled earlier in this process; test_interpreter_in_child_process runs these"
+        )
+    return BACKEND.module
+
+
+def test_interpreter_in_child_process() -> None:
+    if BACKEND.module is not None:
+        pytest.skip("the kernels run in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    result = subprocess.run(command, env=env, cwd=Path(__file__).parent.parent, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
+
+
+def triton_spec(fmt: str, mode: str, group: int, length: str, **changes) -> CaseSpec:
+    """`spec_for` with the kernels' usual case for quantized formats: a half-precision tail and query, and
+    head_dim 64 (at head_dim 32 an INT2 part holds 8 channels, too few for a `tl.dot` on the GPU)."""
+    quantized = {"dtype": torch.float16, "head_dim": 64} if fmt in BITS else {}
+    return spec_for(fmt, mode, group, length, **{**quantized, **changes})
+
+
+def test_kernels_are_interpreted_without_cuda(triton_attention: ModuleType) -> None:
+    assert triton_attention.kernels_interpreted() == (BACKEND.device == "cpu")
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_matches_dense(triton_attention: ModuleType, fmt: str, mode: str, group: int, length: str) -> None:
+    case = make_case(triton_spec(fmt, mode, group, length, kv_heads=1), BACKEND.device)
+    check_against_dense(triton_attention, case, mode, AttentionOptions(), TOLERANCE[fmt], with_mass=False)
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_attention_mass(triton_attention: ModuleType, fmt: str, mode: str) -> None:
+    case = make_case(triton_spec(fmt, mode, 4, "several"), BACKEND.device)
+    check_against_dense(triton_attention, case, mode, AttentionOptions(), TOLERANCE[fmt])
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "int4"])
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+@pytest.mark.parametrize(("window", "sinks"), [(7, 0), (20, 3)])
+def test_sliding_window_and_sinks(triton_attention: ModuleType, fmt: str, mode: str, window: int, sinks: int) -> None:
+    case = make_case(triton_spec(fmt, mode, 4, "several", seed=3), BACKEND.device)
+    options = AttentionOptions(scale=0.3, sliding_window=window, sink_tokens=sinks)
+    check_against_dense(triton_attention, case, mode, options, TOLERANCE[fmt])
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int2"])
+def test_more_splits_than_tiles(triton_attention: ModuleType, fmt: str) -> None:
+    """Splits that own no tile store max -inf and sum 0 and must weigh nothing in the reduction."""
+    case = make_case(triton_spec(fmt, "decode", 4, "block+1"), BACKEND.device)
+    query = case.query
+    config = triton_attention.KernelConfig(block_m=16, tile_n=16, quant_splits=3 if fmt in BITS else 0, tail_splits=5)
+    output, _ = triton_attention.launch(query, case.kv, AttentionOptions(), config)
+    expected = reference.prefill(query, case.kv)
+    torch.testing.assert_close(output, expected, atol=TOLERANCE[fmt], rtol=TOLERANCE[fmt])
+
+
+def test_prefill_spanning_query_tiles(triton_attention: ModuleType) -> None:
+    """q_len 20 with a group of 4 fills two 64-row query tiles."""
+    spec = replace(triton_spec("int4", "prefill", 4, "several"), q_len=20)
+    case = make_case(spec, BACKEND.device)
+    check_against_dense(triton_attention, case, "prefill", AttentionOptions(), TOLERANCE["int4"])
+
+
+def test_quantized_with_bf16_tail(triton_attention: ModuleType) -> None:
+    spec = replace(spec_for("int8", "decode", 8, "several"), dtype=torch.bfloat16)
+    check_against_dense(
+        triton_attention, make_case(spec, BACKEND.device), "decode", AttentionOptions(), TOLERANCE["bf16"]
+    )
+
+
+def test_empty_sequence_attends_to_nothing(triton_attention: ModuleType) -> None:
+    case = make_case(CaseSpec(fmt="fp16", lengths=(0, 5)), BACKEND.device)
+    output, mass = call(triton_attention, case, "decode", AttentionOptions())
+    assert torch.all(output[0] == 0) and torch.all(mass[0] == 0)
+    assert not torch.isnan(output).any()
+
+
+@pytest.mark.parametrize("label", list(shape_errors()))
+def test_shape_errors_raise(triton_attention: ModuleType, label: str) -> None:
+    case = make_case(spec_for("int4", "prefill", 4, "several"), BACKEND.device)
+    with pytest.raises(CacheValidationError):
+        shape_errors()[label](triton_attention, case)
+
+
+def test_unsupported_kernel_shapes_raise(triton_attention: ModuleType) -> None:
+    case = make_case(CaseSpec(fmt="fp16", lengths=(5,), head_dim=24), BACKEND.device)
+    with pytest.raises(CacheValidationError, match="power of two"):
+        triton_attention.decode(case.query[:, :, 0], case.kv)
+    case = make_case(CaseSpec(fmt="int2", lengths=(40,), head_dim=32), BACKEND.device)
+    assert not triton_attention.shapes_supported(case.kv)
+    with pytest.raises(CacheValidationError, match=">= 16"):
+        triton_attention.decode(case.query[:, :, 0], case.kv)
+    case = make_case(CaseSpec(fmt="fp16", lengths=(5,)), BACKEND.device)
+    strided = replace(case.kv, key_cache=case.kv.key_cache.transpose(0, 1).contiguous().transpose(0, 1))
+    with pytest.raises(CacheValidationError, match="contiguous"):
+        triton_attention.decode(case.query[:, :, 0], strided)
