@@ -91,7 +91,9 @@ class KVStore:
                     self.block_size, self.num_layers, kv_heads, head_dim, dtype,
                     layer_bits=self.layer_bits, group_size=config.quantization_group_size,
                 )  # fmt: skip
-                count, hint = self._pool_size(sealed, batch_size * config.blocks_per_sequence, self.pool.memory_bytes)
+                # A sequence never seals its newest `residual_tokens` tokens.
+                sealable = blocks_needed(max(0, config.max_tokens - config.residual_tokens), self.block_size)
+                count, hint = self._pool_size(sealed, batch_size * max(1, sealable), self.pool.memory_bytes)
                 self.quantized_pool = BlockPool(sealed, count, device, capacity_hint=hint)
                 self.sealer = Sealer(self.pool, self.quantized_pool, config.residual_tokens)
             self.model_dtype = dtype

@@ -1,0 +1,152 @@
+"""Hugging Face `generate` throughput and KV memory: our paged caches vs DynamicCache, the static cache, quanto.
+
+A random-weight Llama-shaped model (hidden 2048, 16 layers, 32 query / 8 KV heads, vocab 32000, bf16), batch 32,
+prompt 1024, 128 new tokens (no early stop), all in one run:
+
+    dynamic        DynamicCache + SDPA
+    static         the static cache (transformers compiles the decode step when it can)
+    quanto INT4    QuantizedCache, optimum-quanto backend (only where optimum-quanto imports)
+    ours bf16      KVCache + kv_cache's paged attention (register_attention)
+    ours INT4      KVCache(use_quantization, 4 bits, 128-token full-precision window) + paged attention
+    ours INT4 R0   the same without the full-precision window (every whole block sealed)
+
+tokens/s counts new tokens over the whole `generate` call (prefill included), after one warm-up call per method.
+KV memory is the bytes of the cache's own tensors (for ours: both block pools, allocated whole up front).
+
+Run (GPU): PYTHONPATH=. python benchmarks/generate.py [--out benchmarks/results/generate_h100.txt]
+Smoke (CPU): python benchmarks/generate.py --hidden 128 --layers 2 --batch 2 --prompt 64 --new 8 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from kv_cache import KVCache, KVCacheConfig
+from kv_cache.hf_attention import register_attention
+
+
+def build_model(args: argparse.Namespace) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=32000,
+        max_position_embeddings=4096, eos_token_id=None, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    return LlamaForCausalLM(config).to(device=args.device, dtype=dtype).eval()
+
+
+def tensor_bytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+Run = tuple[int, torch.Tensor]  # (KV bytes, generated ids)
+
+
+def greedy(model: LlamaForCausalLM, inputs: dict[str, Any], new: int, **kwargs: Any) -> Any:
+    return model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kwargs)
+
+
+def run_dynamic(model: LlamaForCausalLM, inputs: dict[str, Any], new: int) -> Run:
+    model.set_attn_implementation("sdpa")
+    cache = DynamicCache(config=model.config)
+    ids = greedy(model, inputs, new, past_key_values=cache)
+    return tensor_bytes([t for layer in cache.layers for t in (layer.keys, layer.values)]), ids
+
+
+def run_static(model: LlamaForCausalLM, inputs: dict[str, Any], new: int) -> Run:
+    model.set_attn_implementation("sdpa")
+    out = greedy(model, inputs, new, cache_implementation="static", return_dict_in_generate=True)
+    cache = out.past_key_values
+    return tensor_bytes([t for layer in cache.layers for t in (layer.keys, layer.values)]), out.sequences
+
+
+def run_quanto(model: LlamaForCausalLM, inputs: dict[str, Any], new: int) -> Run:
+    from transformers import QuantizedCache
+
+    model.set_attn_implementation("sdpa")
+    cache = QuantizedCache(backend="quanto", config=model.config, nbits=4)
+    return 0, greedy(model, inputs, new, past_key_values=cache)  # quanto's packed tensors: memory not measured
+
+
+def make_ours(config: KVCacheConfig) -> Callable[[LlamaForCausalLM, dict[str, Any], int], Run]:
+    def run(model: LlamaForCausalLM, inputs: dict[str, Any], new: int) -> Run:
+        model.set_attn_implementation(register_attention())
+        cache = KVCache(config, model.config)
+        ids = greedy(model, inputs, new, past_key_values=cache)
+        return int(cache.get_stats()["storage_memory_mb"] * 2**20), ids
+
+    return run
+
+
+def timed(method: Callable[..., Run], model: LlamaForCausalLM, inputs: dict[str, Any], new: int) -> tuple[float, Run]:
+    method(model, inputs, new)  # warm-up: compilation, kernel autotuning, allocator
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = method(model, inputs, new)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, default in (("hidden", 2048), ("layers", 16), ("heads", 32), ("kv-heads", 8), ("batch", 32),
+                          ("prompt", 1024), ("new", 128)):  # fmt: skip
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--methods", default="dynamic,static,quanto,ours bf16,ours INT4,ours INT4 R0")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    model = build_model(args)
+    ids = torch.randint(1, 32000, (args.batch, args.prompt), device=args.device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    max_tokens = args.prompt + args.new
+    methods: dict[str, Callable[..., Run]] = {
+        "dynamic": run_dynamic,
+        "static": run_static,
+        "quanto": run_quanto,
+        "ours bf16": make_ours(KVCacheConfig(max_tokens=max_tokens, block_size=16)),
+        "ours INT4": make_ours(KVCacheConfig(max_tokens=max_tokens, use_quantization=True, quantization_bits=4)),
+        "ours INT4 R0": make_ours(
+            KVCacheConfig(max_tokens=max_tokens, use_quantization=True, quantization_bits=4, residual_tokens=0)
+        ),
+    }
+    lines = [f"command: python {' '.join(sys.argv)}", f"torch {torch.__version__}, device {args.device}"]
+    if torch.cuda.is_available():
+        lines.append(f"gpu: {torch.cuda.get_device_name()}")
+    lines.append(f"{'method':<12} {'s':>8} {'tokens/s':>10} {'KV MiB':>10} {'same tokens as dynamic':>24}")
+    results: dict[str, float] = {}
+    reference: torch.Tensor | None = None
+    for name in args.methods.split(","):
+        try:
+            seconds, (kv_bytes, ids) = timed(methods[name], model, inputs, args.new)
+        except Exception as error:  # a baseline that cannot run here is reported, not fatal
+            lines.append(f"{name:<12} not run: {type(error).__name__}: {str(error)[:100]}")
+            print(lines[-1], flush=True)
+            continue
+        reference = ids if reference is None else reference
+        same = (ids[:, args.prompt :] == reference[:, args.prompt :]).float().mean().item()
+        results[name] = args.batch * args.new / seconds
+        lines.append(f"{name:<12} {seconds:>8.2f} {results[name]:>10.1f} {kv_bytes / 2**20:>10.1f} {same:>23.1%}")
+        print(lines[-1], flush=True)
+    for name, rate in results.items():
+        ratios = ", ".join(f"{rate / results[base]:.2f}x {base}" for base in ("static", "quanto") if base in results)
+        lines.append(f"{name:<12} {ratios}")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
