@@ -8,7 +8,7 @@ from kv_cache.block_format import BlockFormat
 from kv_cache.block_pool import BlockPool
 from kv_cache.block_table import BlockTable
 from kv_cache.config import CacheMode, CacheStrategy, KVCacheConfig
-from kv_cache.devices import available_devices, resolve_device
+from kv_cache.devices import available_devices, get_device_info, resolve_device
 from kv_cache.errors import CacheDeviceError, CacheError, CacheMemoryError, CacheValidationError
 from kv_cache.hf_cache import KVCache
 from kv_cache.kv_store import KVStore
@@ -39,5 +39,6 @@ __all__ = [
     "Profiler",
     "Quantizer",
     "available_devices",
+    "get_device_info",
     "resolve_device",
 ]

@@ -123,6 +123,13 @@ class BlockPool:
             for tensor in layer.tensors():
                 tensor[dst].copy_(tensor[src])
 
+    def detach_(self) -> None:
+        """Drop the autograd history the storage gathered from appended tensors (training mode, between steps)."""
+        self.layers = [
+            DenseBlocks(layer.keys.detach(), layer.values.detach()) if isinstance(layer, DenseBlocks) else layer
+            for layer in self.layers
+        ]
+
     def export_block(self, block_id: int) -> list[torch.Tensor]:
         """Views of one block's tensors in every layer, in storage order (`layer.tensors()` at `block_id`)."""
         return [tensor[block_id] for layer in self.layers for tensor in layer.tensors()]

@@ -51,3 +51,25 @@ def resolve_device(spec: str | torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def get_device_info(spec: str | torch.device = "auto") -> dict[str, object]:
+    """What `spec` resolves to here: `device`, `type`, `name`, and memory in bytes where the backend reports it.
+
+    `total_memory`/`free_memory` come from CUDA (`torch.cuda.mem_get_info`); on CPU and MPS they are None.
+    """
+    device = resolve_device(spec)
+    info: dict[str, object] = {
+        "device": str(device),
+        "type": device.type,
+        "name": "cpu",
+        "total_memory": None,
+        "free_memory": None,
+        "available": available_devices(),
+    }
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        info.update(name=torch.cuda.get_device_name(device), total_memory=total, free_memory=free)
+    elif device.type == "mps":
+        info["name"] = "Apple MPS"
+    return info

@@ -42,11 +42,6 @@ class KVStore:
     def __init__(self, config: KVCacheConfig, num_layers: int) -> None:
         if num_layers < 1:
             raise CacheValidationError(f"num_layers={num_layers} must be >= 1")
-        if config.cache_mode is CacheMode.TRAINING:
-            raise CacheValidationError(
-                "cache_mode=CacheMode.TRAINING is not supported by the paged store: it stores detached copies; "
-                "use CacheMode.INFERENCE"
-            )
         self.config = config
         self.num_layers = num_layers
         self.block_size = config.tokens_per_block
@@ -191,10 +186,12 @@ class KVStore:
             self._version += 1
 
     def reset(self) -> None:
-        """Free every sequence (the pools stay allocated)."""
+        """Free every sequence (the pools stay allocated); in training mode also drop the autograd history."""
         with self._lock:
             for seq_id in list(self._tables):
                 self.free(seq_id)
+            if self.pool is not None and self.config.cache_mode is CacheMode.TRAINING:
+                self.pool.detach_()
 
     def num_tokens(self, seq_id: int, layer: int | None = None) -> int:
         """Tokens of a sequence in `layer` (or the furthest any layer has written)."""
@@ -243,7 +240,8 @@ class KVStore:
         """
         with self._lock:
             self.validate_inputs(seq_ids, layer, key, value)
-            key, value = key.detach(), value.detach()  # the cache stores values, never autograd history
+            if self.config.cache_mode is CacheMode.INFERENCE:
+                key, value = key.detach(), value.detach()  # the cache stores values, not autograd history
             if self.pool is None:
                 self.initialize(key.shape[1], key.shape[3], key.dtype, key.device, len(seq_ids))
             if key.shape[2] == 0:
@@ -292,6 +290,12 @@ class KVStore:
             dense = self.pool.dense(layer)
             num_blocks = blocks_needed(length, self.block_size)
             flat_shape = (len(tables), num_blocks * self.block_size, *dense.keys.shape[-2:])
+            if self.config.cache_mode is CacheMode.TRAINING:
+                # Fresh tensors that carry the autograd graph back to the appended states (no workspace, no view
+                # of a pool that later appends modify in place). Training configs are never quantized.
+                ids = self.block_table_tensor(seq_ids, 0, num_blocks).flatten()
+                keys, values = (t.index_select(0, ids).view(flat_shape) for t in (dense.keys, dense.values))
+                return keys[:, :length].transpose(1, 2), values[:, :length].transpose(1, 2)
             if tables[0].layer_sealed[layer] == 0 and dense.keys.dtype == self.model_dtype:
                 _, run = self._block_rows(seq_ids, 0, num_blocks)
                 if run is not None:  # zero-copy: the blocks are consecutive in the pool
