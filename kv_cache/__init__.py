@@ -12,16 +12,29 @@ from kv_cache.devices import available_devices, get_device_info, resolve_device
 from kv_cache.errors import CacheDeviceError, CacheError, CacheMemoryError, CacheValidationError
 from kv_cache.hf_cache import KVCache
 from kv_cache.kv_store import KVStore
+from kv_cache.policies import AdaptivePolicy, LFUPolicy, LRUPolicy, Policy, make_policy
 from kv_cache.profiler import Profiler
 from kv_cache.quantizer import Quantizer
-from kv_cache.seed_api import AdaptiveKVCache, BaseKVCache, PagedKVCache
+from kv_cache.seed_api import (
+    AdaptiveEvictionStrategy,
+    AdaptiveKVCache,
+    BaseKVCache,
+    BatchCacheOperations,
+    LFUEvictionStrategy,
+    LRUEvictionStrategy,
+    PagedKVCache,
+    create_eviction_strategy,
+)
 from kv_cache.stats import CacheStatsTracker
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveEvictionStrategy",
     "AdaptiveKVCache",
+    "AdaptivePolicy",
     "BaseKVCache",
+    "BatchCacheOperations",
     "BlockFormat",
     "BlockPool",
     "BlockTable",
@@ -35,10 +48,17 @@ __all__ = [
     "KVCache",
     "KVCacheConfig",
     "KVStore",
+    "LFUEvictionStrategy",
+    "LFUPolicy",
+    "LRUEvictionStrategy",
+    "LRUPolicy",
     "PagedKVCache",
+    "Policy",
     "Profiler",
     "Quantizer",
     "available_devices",
+    "create_eviction_strategy",
     "get_device_info",
+    "make_policy",
     "resolve_device",
 ]

@@ -202,11 +202,5 @@ class KVCache(Cache):
 
     def _replace_rows(self, sources: list[int]) -> None:
         """Make batch row `i` a copy of old row `sources[i]` (sharing blocks), then drop the old rows."""
-        old = self.seq_ids
-        if old is None:
-            return
-        if any(not 0 <= s < len(old) for s in sources):
-            raise CacheValidationError(f"batch indices {sources} are out of range for a batch of {len(old)}")
-        self.seq_ids = [self.store.fork(old[s]) for s in sources]
-        for seq_id in old:
-            self.store.free(seq_id)
+        if self.seq_ids is not None:
+            self.seq_ids = self.store.replace_rows(self.seq_ids, sources)

@@ -157,6 +157,20 @@ class KVStore:
             self._tables[new_id] = table
             return new_id
 
+    def replace_rows(self, seq_ids: Sequence[int], sources: Sequence[int]) -> list[int]:
+        """Rebuild a batch: new row `i` continues old row `sources[i]` (blocks shared, copy-on-write), then the
+        old rows are freed. Beam reordering, selection and repetition are all this. Returns the new sequence ids.
+        """
+        with self._lock:
+            if any(isinstance(s, bool) or not 0 <= s < len(seq_ids) for s in sources):
+                raise CacheValidationError(
+                    f"batch indices {list(sources)} are out of range for a batch of {len(seq_ids)}"
+                )
+            new_ids = [self.fork(seq_ids[source]) for source in sources]
+            for seq_id in seq_ids:
+                self.free(seq_id)
+            return new_ids
+
     def free(self, seq_id: int) -> None:
         """Forget a sequence and release its blocks."""
         with self._lock:

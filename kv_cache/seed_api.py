@@ -1,5 +1,9 @@
 """The seed's public names, as thin faces over the concept modules.
 
+`BaseKVCache`, `AdaptiveKVCache`, `PagedKVCache`, `BatchCacheOperations`, the eviction strategies
+(`LRUEvictionStrategy`, `LFUEvictionStrategy`, `AdaptiveEvictionStrategy`: the `kv_cache.policies` classes) and
+their factory `create_eviction_strategy`.
+
     cache = BaseKVCache(KVCacheConfig(max_tokens=4096))
     key, value, info = cache.forward(key, value, cache_position=0)   # one layer; [batch, kv_heads, tokens, head_dim]
     stats = cache.get_stats(include_history=True)
@@ -17,7 +21,9 @@ import torch
 from kv_cache.config import CacheStrategy, KVCacheConfig
 from kv_cache.errors import CacheValidationError
 from kv_cache.kv_store import KVStore
+from kv_cache.policies import AdaptivePolicy, LFUPolicy, LRUPolicy, Policy, make_policy
 from kv_cache.profiler import Profiler
+from kv_cache.quantizer import Quantizer
 from kv_cache.stats import CacheStatsTracker, build_stats, store_gauges
 from kv_cache.token_eviction import TokenEvictor
 
@@ -29,13 +35,41 @@ class BaseKVCache:
         config: cache configuration; `KVCacheConfig()` if omitted.
     """
 
-    def __init__(self, config: KVCacheConfig | None = None) -> None:
+    def __init__(self, config: KVCacheConfig | None = None, quantizer: Quantizer | None = None) -> None:
         self.config = config or KVCacheConfig()
-        self.store = KVStore(self.config, num_layers=1)
-        self.evictor = TokenEvictor(self.config, self.store) if self.config.evicts_tokens else None
         self.tracker = CacheStatsTracker(self.config.history_size)
         self.profiler = Profiler(self.config.enable_profiling)
         self.seq_ids: list[int] = []
+        self._build_store()
+        if quantizer is not None:
+            self.quantizer = quantizer
+
+    def _build_store(self) -> None:
+        self.store = KVStore(self.config, num_layers=1)
+        self.evictor = TokenEvictor(self.config, self.store) if self.config.evicts_tokens else None
+
+    @property
+    def quantizer(self) -> Quantizer | None:
+        """The quantizer sealed blocks use (None: full precision). Settable only while the cache is empty."""
+        config = self.config
+        return Quantizer(config.quantization_bits, config.quantization_group_size) if config.use_quantization else None
+
+    @quantizer.setter
+    def quantizer(self, quantizer: Quantizer | None) -> None:
+        if self.store.pool is not None:
+            raise CacheValidationError(
+                "the quantizer cannot change once tokens are stored (blocks of two formats would mix); "
+                "set it before the first forward, or reset() and build a new cache"
+            )
+        if quantizer is not None and not isinstance(quantizer, Quantizer):
+            raise CacheValidationError(
+                f"quantizer must be a kv_cache.Quantizer or None; got {type(quantizer).__name__}"
+            )
+        changes: dict[str, Any] = {"use_quantization": quantizer is not None}
+        if quantizer is not None:
+            changes |= {"quantization_bits": quantizer.bits, "quantization_group_size": quantizer.group_size}
+        self.config = KVCacheConfig.from_dict({**self.config.to_dict(), **changes})
+        self._build_store()
 
     def forward(
         self, key: torch.Tensor, value: torch.Tensor, cache_position: int | torch.Tensor | None = None
@@ -140,13 +174,64 @@ class BaseKVCache:
 
 
 class AdaptiveKVCache(BaseKVCache):
-    """`BaseKVCache` with the adaptive (ARC-like) strategy: `cache_strategy` is forced to `ADAPTIVE`."""
+    """`BaseKVCache` with the adaptive strategy (`cache_strategy` is forced to `ADAPTIVE`) and `adapt(metrics)`."""
 
-    def __init__(self, config: KVCacheConfig | None = None) -> None:
+    def __init__(self, config: KVCacheConfig | None = None, quantizer: Quantizer | None = None) -> None:
         config = config or KVCacheConfig()
         if config.cache_strategy is not CacheStrategy.ADAPTIVE:
             config = KVCacheConfig.from_dict({**config.to_dict(), "cache_strategy": CacheStrategy.ADAPTIVE})
-        super().__init__(config)
+        super().__init__(config, quantizer)
+
+    def adapt(self, metrics: dict[str, float] | None = None) -> dict[str, Any]:
+        """Adjust the token budget and the recency/frequency mix to what was observed; returns the decision.
+
+        metrics: `memory_pressure` in [0, 1] (blocks used / total if omitted) and optionally `hit_rate`. Over 0.9
+        pressure the token budget shrinks by a quarter (eviction starts if it was off); under 0.5 a budget grows
+        by a quarter (up to `max_tokens`). With heavy-hitter data, the share of attention that went to the newest
+        quarter of the tokens becomes the policy's recent fraction (within [0.2, 0.8]). Every decision is
+        recorded in the stats history under `adapt`. Bit widths are fixed once tokens are stored.
+        """
+        metrics = dict(metrics or {})
+        stats = self.get_stats()
+        pressure = metrics.get("memory_pressure", stats["blocks_used"] / max(1, stats["blocks_total"]))
+        if not 0.0 <= pressure <= 1.0:
+            raise CacheValidationError(f"memory_pressure={pressure!r} must be a fraction in [0, 1]")
+        decision: dict[str, Any] = {"memory_pressure": pressure, "hit_rate": metrics.get("hit_rate", stats["hit_rate"])}
+        held = self.store.num_tokens(self.seq_ids[0]) if self.seq_ids else 0
+        budget = self.config.token_budget
+        if pressure > 0.9 and held > self.config.tokens_per_block:
+            decision["token_budget"] = max(self.config.sink_tokens + 1, (budget or held) * 3 // 4)
+        elif pressure < 0.5 and budget is not None:
+            decision["token_budget"] = min(self.config.max_tokens, budget * 5 // 4)
+        if "token_budget" in decision and decision["token_budget"] != budget:
+            self._set_budget(decision["token_budget"])
+        share = self._recent_attention_share()
+        if share is not None and self.evictor is not None and isinstance(self.evictor.policy, AdaptivePolicy):
+            decision["recent_fraction"] = min(0.8, max(0.2, share))
+            self.evictor.policy.recent_fraction = decision["recent_fraction"]
+        self.tracker.snapshot({"adapt": decision}, force=True)
+        return decision
+
+    def _set_budget(self, budget: int) -> None:
+        """Switch to a new token budget, keeping the stored tokens and the policy's state."""
+        self.config = KVCacheConfig.from_dict(
+            {**self.config.to_dict(), "token_budget": budget, "compression_ratio": None}
+        )
+        self.store.config = self.config
+        policy = self.evictor.policy if self.evictor is not None else None
+        self.evictor = TokenEvictor(self.config, self.store)
+        if policy is not None:
+            self.evictor.policy = policy
+
+    def _recent_attention_share(self) -> float | None:
+        """Share of the accumulated attention that the newest quarter of the held tokens received (or None)."""
+        if not self.seq_ids or self.evictor is None or not self.evictor.needs_attention_mass:
+            return None
+        mass = self.store.attention_mass(self.seq_ids[0], 0)
+        total = float(mass.sum())
+        if total <= 0 or mass.shape[-1] < 4:
+            return None
+        return float(mass[:, -(mass.shape[-1] // 4) :].sum()) / total
 
 
 class PagedKVCache(BaseKVCache):
@@ -195,3 +280,44 @@ class PagedKVCache(BaseKVCache):
             "token_slots_used": tokens,
             "fragmentation": 1.0 - tokens / slots if slots else 0.0,
         }
+
+
+class BatchCacheOperations:
+    """Batch-wide operations on a `BaseKVCache`'s rows: beam reordering, selection, repetition.
+
+    Rows that continue the same row share its blocks (copy-on-write); nothing is copied until a row writes.
+    """
+
+    def __init__(self, cache: BaseKVCache) -> None:
+        self.cache = cache
+
+    def reorder(self, beam_idx: torch.Tensor | list[int]) -> None:
+        """Row `i` continues old row `beam_idx[i]` (beam search)."""
+        self._replace([int(i) for i in torch.as_tensor(beam_idx).flatten().tolist()])
+
+    def select(self, indices: torch.Tensor | list[int]) -> None:
+        """Keep only the rows `indices`, in that order (finished rows leave the batch)."""
+        self._replace([int(i) for i in torch.as_tensor(indices).flatten().tolist()])
+
+    def repeat_interleave(self, repeats: int) -> None:
+        """Each row becomes `repeats` consecutive rows (e.g. several samples per prompt)."""
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise CacheValidationError(f"repeats={repeats!r} must be an int >= 1")
+        self._replace([row for row in range(len(self.cache.seq_ids)) for _ in range(repeats)])
+
+    def _replace(self, sources: list[int]) -> None:
+        self.cache.seq_ids = self.cache.store.replace_rows(self.cache.seq_ids, sources)
+
+
+LRUEvictionStrategy = LRUPolicy
+LFUEvictionStrategy = LFUPolicy
+AdaptiveEvictionStrategy = AdaptivePolicy
+
+
+def create_eviction_strategy(strategy: CacheStrategy | str, **kwargs: Any) -> Policy[Any]:
+    """The seed's factory: a new `Policy` for `strategy` ("lru", "lfu", "adaptive" or a `CacheStrategy`)."""
+    try:
+        parsed = CacheStrategy(strategy.lower() if isinstance(strategy, str) else strategy)
+    except ValueError:
+        raise CacheValidationError(f"strategy={strategy!r} is not supported; use 'lru', 'lfu' or 'adaptive'") from None
+    return make_policy(parsed, **kwargs)

@@ -6,13 +6,19 @@ import pytest
 import torch
 
 from kv_cache import (
+    AdaptiveEvictionStrategy,
     AdaptiveKVCache,
     BaseKVCache,
+    BatchCacheOperations,
     CacheMemoryError,
     CacheStrategy,
     CacheValidationError,
     KVCacheConfig,
+    LFUEvictionStrategy,
+    LRUEvictionStrategy,
     PagedKVCache,
+    Quantizer,
+    create_eviction_strategy,
 )
 
 
@@ -115,3 +121,56 @@ def test_reset_frees_every_block() -> None:
     assert cache.get_page_stats()["pages_used"] == 0 and cache.seq_length == 0
     keys, _, _ = cache.forward(*states(1, 2, 11))
     assert keys.shape[2] == 2
+
+
+def test_quantizer_is_a_component_set_before_the_first_token() -> None:
+    cache = BaseKVCache(KVCacheConfig(max_tokens=256, residual_tokens=0), quantizer=Quantizer(bits=8, group_size=8))
+    assert cache.config.use_quantization and cache.config.quantization_bits == 8 and cache.config.block_size == 16
+    cache.quantizer = Quantizer(bits=4, group_size=8)
+    keys, _, _ = cache.forward(*states(1, 40, 12))
+    assert cache.store.quantized_pool is not None and cache.quantizer == Quantizer(bits=4, group_size=8)
+    with pytest.raises(CacheValidationError, match="cannot change once tokens are stored"):
+        cache.quantizer = Quantizer(bits=2)
+    assert keys.shape == (1, 2, 40, 8)
+
+
+def test_batch_operations_share_blocks() -> None:
+    cache = BaseKVCache(KVCacheConfig(block_size=4))
+    k, v = states(3, 6, 13)
+    cache.forward(k, v)
+    ops = BatchCacheOperations(cache)
+    ops.select([2, 0])
+    ops.repeat_interleave(2)
+    ops.reorder(torch.tensor([3, 3, 0, 1]))
+    keys, _, _ = cache.forward(*states(4, 1, 14))
+    for row, source in enumerate([0, 0, 2, 2]):
+        assert torch.equal(keys[row, :, :6], k[source])
+    cache.store.check_invariants()
+    with pytest.raises(CacheValidationError, match="out of range"):
+        ops.select([7])
+
+
+def test_eviction_strategies_and_factory() -> None:
+    assert isinstance(create_eviction_strategy("lru"), LRUEvictionStrategy)
+    assert isinstance(create_eviction_strategy(CacheStrategy.LFU), LFUEvictionStrategy)
+    assert isinstance(create_eviction_strategy("Adaptive", capacity=4), AdaptiveEvictionStrategy)
+    with pytest.raises(CacheValidationError, match="strategy='fifo'"):
+        create_eviction_strategy("fifo")
+
+
+def test_adapt_shrinks_the_budget_under_pressure_and_tunes_the_mix() -> None:
+    config = KVCacheConfig(block_size=4, max_tokens=128, token_budget=40)
+    cache = AdaptiveKVCache(config)
+    cache.forward(*states(1, 40, 15))
+    weights = torch.full((1, 4, 1, 40), 0.001)
+    weights[..., -10:] = 1.0  # attention goes to the newest tokens
+    cache.record_attention(weights)
+    decision = cache.adapt({"memory_pressure": 0.95})
+    assert decision["token_budget"] == 30 and cache.config.token_budget == 30
+    assert decision["recent_fraction"] == pytest.approx(0.8)
+    keys, _, _ = cache.forward(*states(1, 1, 16))
+    assert keys.shape[2] <= 30 + 4
+    assert cache.adapt({"memory_pressure": 0.2})["token_budget"] == 37
+    assert cache.get_stats(include_history=True)["history"][-1]["adapt"]["token_budget"] == 37
+    with pytest.raises(CacheValidationError, match="memory_pressure=2"):
+        cache.adapt({"memory_pressure": 2})
