@@ -9,10 +9,13 @@ from kv_cache.block_pool import BlockPool
 from kv_cache.block_table import BlockTable
 from kv_cache.config import CacheMode, CacheStrategy, KVCacheConfig
 from kv_cache.devices import available_devices, get_device_info, resolve_device
+from kv_cache.engine import EngineConfig, KVCacheEngine, SamplingParams, UltraAdaptiveKVCacheEngine
 from kv_cache.errors import CacheDeviceError, CacheError, CacheMemoryError, CacheValidationError
 from kv_cache.hf_cache import KVCache
 from kv_cache.kv_store import KVStore
+from kv_cache.memory_manager import MemoryManager
 from kv_cache.policies import AdaptivePolicy, LFUPolicy, LRUPolicy, Policy, make_policy
+from kv_cache.prefix_cache import PrefixCache
 from kv_cache.profiler import Profiler
 from kv_cache.quantizer import Quantizer
 from kv_cache.seed_api import (
@@ -45,17 +48,23 @@ __all__ = [
     "CacheStatsTracker",
     "CacheStrategy",
     "CacheValidationError",
+    "EngineConfig",
     "KVCache",
     "KVCacheConfig",
+    "KVCacheEngine",
     "KVStore",
     "LFUEvictionStrategy",
     "LFUPolicy",
     "LRUEvictionStrategy",
     "LRUPolicy",
+    "MemoryManager",
     "PagedKVCache",
     "Policy",
+    "PrefixCache",
     "Profiler",
     "Quantizer",
+    "SamplingParams",
+    "UltraAdaptiveKVCacheEngine",
     "available_devices",
     "create_eviction_strategy",
     "get_device_info",

@@ -1,0 +1,116 @@
+"""`EngineConfig`: the knobs of `KVCacheEngine` (scheduling, prefix caching, preemption, CPU tier), validated.
+
+The cache itself (block size, pool size, dtype, quantization, eviction strategy) stays in `KVCacheConfig`; this
+dataclass holds only what the engine adds on top. Every field is checked in `__post_init__`; a bad value raises
+`CacheValidationError` naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from kv_cache.errors import CacheValidationError
+
+
+class PreemptionMode(str, Enum):
+    """What happens to a preempted request's blocks: copied to the CPU tier, or dropped and recomputed later."""
+
+    SWAP = "swap"
+    RECOMPUTE = "recompute"
+
+
+class InvariantCheck(str, Enum):
+    """When the engine verifies block conservation: never, when idle (SGLang's default), or after every step."""
+
+    OFF = "off"
+    IDLE = "idle"
+    EVERY_STEP = "every_step"
+
+
+def _parse_enum(name: str, enum: type[Enum], value: Any) -> Any:
+    if isinstance(value, enum):
+        return value
+    try:
+        return enum(value.lower() if isinstance(value, str) else value)
+    except ValueError:
+        allowed = ", ".join(repr(member.value) for member in enum)
+        raise CacheValidationError(f"{name}={value!r} is not supported; use one of {allowed}") from None
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise CacheValidationError(f"{name}={value!r} must be an int >= {low}")
+
+
+@dataclass
+class EngineConfig:
+    """Configuration of `KVCacheEngine`.
+
+    Attributes:
+        enable_prefix_caching: reuse the full blocks of earlier prompts that start the same way (hash chained
+            over the block tokens); freed requests' blocks stay cached until evicted.
+        prefill_chunk_size: prompt tokens computed per step, over all prefilling requests (tokens); a longer
+            prompt is split over several steps so running requests keep decoding in between.
+        max_num_seqs: requests running at once (decoding or prefilling); more wait in the queue.
+        preemption_mode: `SWAP` copies a preempted request's blocks to the CPU tier (needs `cpu_tier_blocks` or
+            `cpu_tier_mb`); `RECOMPUTE` drops them and recomputes prompt and output when it resumes. A swap that
+            finds the CPU tier full falls back to recompute (counted in stats).
+        cpu_tier_blocks: blocks of each of the store's formats in the host (CPU) tier; None: no block count.
+        cpu_tier_mb: alternatively, MiB of host memory for the tier (split over the store's pools by their size).
+            With neither set there is no CPU tier: no swap, no demotion of cold prefix blocks.
+        oom_retries: retries of a step after `torch.OutOfMemoryError` (each after freeing cached blocks and
+            emptying the CUDA allocator's cache) before `CacheMemoryError`.
+        namespace: mixed into every block hash: requests of different namespaces (tenants, weight versions)
+            never share blocks.
+        invariant_check: `IDLE` verifies block conservation whenever the engine has no request left; tests use
+            `EVERY_STEP`.
+    """
+
+    enable_prefix_caching: bool = True
+    prefill_chunk_size: int = 512
+    max_num_seqs: int = 32
+    preemption_mode: PreemptionMode = PreemptionMode.RECOMPUTE
+    cpu_tier_blocks: int | None = None
+    cpu_tier_mb: float | None = None
+    oom_retries: int = 3
+    namespace: str = "default"
+    invariant_check: InvariantCheck = InvariantCheck.IDLE
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise CacheValidationError(f"enable_prefix_caching={self.enable_prefix_caching!r} must be True or False")
+        _check_int("prefill_chunk_size", self.prefill_chunk_size, 1)
+        _check_int("max_num_seqs", self.max_num_seqs, 1)
+        _check_int("oom_retries", self.oom_retries, 0)
+        self.preemption_mode = _parse_enum("preemption_mode", PreemptionMode, self.preemption_mode)
+        self.invariant_check = _parse_enum("invariant_check", InvariantCheck, self.invariant_check)
+        if not isinstance(self.namespace, str):
+            raise CacheValidationError(f"namespace={self.namespace!r} must be a string")
+        if self.cpu_tier_blocks is not None:
+            _check_int("cpu_tier_blocks", self.cpu_tier_blocks, 1)
+        if self.cpu_tier_mb is not None:
+            budget = self.cpu_tier_mb
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
+                raise CacheValidationError(f"cpu_tier_mb={budget!r} must be a finite number of MiB")
+            if budget <= 0:
+                raise CacheValidationError(f"cpu_tier_mb={budget} must be > 0")
+            if self.cpu_tier_blocks is not None:
+                raise CacheValidationError(
+                    f"cpu_tier_blocks={self.cpu_tier_blocks} and cpu_tier_mb={budget} are both set; set only one"
+                )
+        if self.preemption_mode is PreemptionMode.SWAP and not self.has_cpu_tier:
+            raise CacheValidationError(
+                "preemption_mode='swap' needs a CPU tier to swap to: set cpu_tier_blocks or cpu_tier_mb, "
+                "or use preemption_mode='recompute'"
+            )
+
+    @property
+    def swaps_on_preemption(self) -> bool:
+        return self.preemption_mode is PreemptionMode.SWAP
+
+    @property
+    def has_cpu_tier(self) -> bool:
+        return self.cpu_tier_blocks is not None or self.cpu_tier_mb is not None
