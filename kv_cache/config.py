@@ -95,6 +95,7 @@ class KVCacheConfig:
         cache_mode: `CacheMode.INFERENCE` (detached, every option allowed) or `CacheMode.TRAINING`.
         enable_profiling: time every cache operation (perf counters); reported under `get_stats()["profiling"]`.
         history_size: how many snapshots `get_stats(include_history=True)` keeps (a ring buffer).
+        snapshot_interval_s: take a history snapshot at most this often (0: on every operation).
         use_quantization: store blocks older than the `residual_tokens` newest tokens as packed integer codes
             (KIVI: keys per channel over a block, values per token over `quantization_group_size` channels).
         quantization_bits: 8, 4 or 2 bits per element.
@@ -125,6 +126,7 @@ class KVCacheConfig:
     cache_mode: CacheMode = CacheMode.INFERENCE
     enable_profiling: bool = False
     history_size: int = 128
+    snapshot_interval_s: float = 0.0
     use_quantization: bool = False
     quantization_bits: int = 4
     quantization_group_size: int = 64
@@ -167,6 +169,9 @@ class KVCacheConfig:
         if not isinstance(self.enable_profiling, bool):
             raise CacheValidationError(f"enable_profiling={self.enable_profiling!r} must be True or False")
         _check_int("history_size", self.history_size, 1)
+        interval = self.snapshot_interval_s
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 <= interval < math.inf:
+            raise CacheValidationError(f"snapshot_interval_s={interval!r} must be a number of seconds >= 0")
         self._check_quantization()
         self._check_eviction()
 

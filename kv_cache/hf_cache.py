@@ -12,6 +12,7 @@ Sliding-window layers keep their whole history; the model's sliding mask hides w
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -75,7 +76,7 @@ class PagedLayer(CacheLayerMixin):
             cache.check_eviction_support()
             self.lazy_initialization(key_states, value_states)
         assert cache.seq_ids is not None
-        with cache.profiler.record("update"):
+        with cache.profiler.record("update", key_states.device):
             paged = cache.reads_paged
             if cache.evictor is not None and not paged:  # the paged attention evicts after it has attended
                 cache.evictor.evict(cache.seq_ids, self.layer_idx, incoming=key_states.shape[2])
@@ -89,7 +90,7 @@ class PagedLayer(CacheLayerMixin):
         new = key_states.shape[2]
         cache.tracker.record_read(cached * len(cache.seq_ids), new * len(cache.seq_ids))
         if self.layer_idx == cache.num_layers - 1:
-            cache.tracker.snapshot(store_gauges(cache.store))
+            cache.tracker.snapshot(functools.partial(store_gauges, cache.store))
         return keys, values
 
     def get_seq_length(self) -> int:
@@ -145,9 +146,10 @@ class KVCache(Cache):
         if store is not None and store.num_layers != self.num_layers:
             raise CacheValidationError(f"store has {store.num_layers} layers; the model has {self.num_layers}")
         self.store = store or KVStore(self.config, self.num_layers)
-        self.evictor = TokenEvictor(self.config, self.store) if self.config.evicts_tokens else None
-        self.tracker = CacheStatsTracker(self.config.history_size)
+        self.evictor = None
+        self.tracker = CacheStatsTracker(self.config.history_size, self.config.snapshot_interval_s)
         self.profiler = Profiler(self.config.enable_profiling)
+        self.evictor = TokenEvictor(self.config, self.store, self.tracker) if self.config.evicts_tokens else None
         self.seq_ids: list[int] | None = None
         layers = [PagedLayer(self, i, t != "full_attention") for i, t in enumerate(layer_types)]
         for layer in layers:

@@ -14,6 +14,7 @@ Each method translates its arguments and delegates to `KVStore` (storage), `Cach
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ class BaseKVCache:
 
     def __init__(self, config: KVCacheConfig | None = None, quantizer: Quantizer | None = None) -> None:
         self.config = config or KVCacheConfig()
-        self.tracker = CacheStatsTracker(self.config.history_size)
+        self.tracker = CacheStatsTracker(self.config.history_size, self.config.snapshot_interval_s)
         self.profiler = Profiler(self.config.enable_profiling)
         self.seq_ids: list[int] = []
         self._build_store()
@@ -46,7 +47,7 @@ class BaseKVCache:
 
     def _build_store(self) -> None:
         self.store = KVStore(self.config, num_layers=1)
-        self.evictor = TokenEvictor(self.config, self.store) if self.config.evicts_tokens else None
+        self.evictor = TokenEvictor(self.config, self.store, self.tracker) if self.config.evicts_tokens else None
 
     @property
     def quantizer(self) -> Quantizer | None:
@@ -87,7 +88,7 @@ class BaseKVCache:
             `cache_position`, `seq_length` (tokens seen), `cached_tokens` (held before this call), `new_tokens`
             and `evicted_tokens` (seen but no longer held, with `token_budget`/`compression_ratio`).
         """
-        with self.profiler.record("forward"):
+        with self.profiler.record("forward", key.device if isinstance(key, torch.Tensor) else None):
             self.store.validate_inputs(self.seq_ids or None, 0, key, value)
             if not self.seq_ids:
                 self.seq_ids = [self.store.add_sequence() for _ in range(key.shape[0])]
@@ -101,7 +102,7 @@ class BaseKVCache:
             self.store.append(self.seq_ids, 0, key, value)
             keys, values = self.store.read(self.seq_ids, 0)
         self.tracker.record_read(cached * len(self.seq_ids), key.shape[2] * len(self.seq_ids))
-        self.tracker.snapshot(store_gauges(self.store))
+        self.tracker.snapshot(functools.partial(store_gauges, self.store))
         info = {
             "cache_position": position,
             "seq_length": position + key.shape[2],
@@ -219,7 +220,7 @@ class AdaptiveKVCache(BaseKVCache):
         )
         self.store.config = self.config
         policy = self.evictor.policy if self.evictor is not None else None
-        self.evictor = TokenEvictor(self.config, self.store)
+        self.evictor = TokenEvictor(self.config, self.store, self.tracker)
         if policy is not None:
             self.evictor.policy = policy
 

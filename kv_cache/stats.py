@@ -183,7 +183,10 @@ class CacheStatsTracker:
     def hit_rate(self) -> float:
         """Cached tokens read over all tokens read (0.0 before any read)."""
         with self._lock:
-            cached, new = self._counters["cached_tokens_read"], self._counters["new_tokens_read"]
+            return self._hit_rate()
+
+    def _hit_rate(self) -> float:
+        cached, new = self._counters["cached_tokens_read"], self._counters["new_tokens_read"]
         return cached / (cached + new) if cached + new else 0.0
 
     def get_stats(self, include_history: bool = False) -> dict[str, Any]:
@@ -192,10 +195,9 @@ class CacheStatsTracker:
         with self._lock:
             stats: dict[str, Any] = {**self._counters, **self._gauges}
             stats.update({name: dict(family) for name, family in self._families.items()})
-            history = list(self._history) if include_history else None
-        stats["hit_rate"] = self.hit_rate
-        if history is not None:
-            stats["history"] = history
+            stats["hit_rate"] = self._hit_rate()
+            if include_history:
+                stats["history"] = list(self._history)
         return stats
 
     # ------------------------------------------------------------------------------------------- history
@@ -218,8 +220,7 @@ class CacheStatsTracker:
         with self._lock:
             entry: dict[str, Any] = {**self._counters, **self._gauges}
             entry.update({name.partition("_by_")[0]: sum(f.values()) for name, f in self._families.items()})
-            cached, new = self._counters["cached_tokens_read"], self._counters["new_tokens_read"]
-            entry["hit_rate"] = cached / (cached + new) if cached + new else 0.0
+            entry["hit_rate"] = self._hit_rate()
             entry.update(values)
             entry["time"] = time.time()
             self._history.append(entry)
@@ -231,7 +232,7 @@ class CacheStatsTracker:
             return list(self._history)
 
     def trend(self, name: str, window: int | None = None) -> Trend | None:
-        """How `name` moved over the last `window` snapshots (all kept ones if None); None with < 2 samples.
+        """How `name` moved over the last `window` snapshots that hold it (all if None); None with < 2 of them.
 
         Raises `CacheValidationError` if `window` < 2 or no snapshot holds a number named `name`.
         """

@@ -25,6 +25,7 @@ from kv_cache.config import CacheStrategy, KVCacheConfig
 from kv_cache.errors import CacheValidationError
 from kv_cache.kv_store import KVStore
 from kv_cache.policies import Policy, make_policy
+from kv_cache.stats import CacheStatsTracker
 
 POOL_KERNEL = 7  # SnapKV's pooling window (tokens)
 
@@ -32,11 +33,12 @@ POOL_KERNEL = 7  # SnapKV's pooling window (tokens)
 class TokenEvictor:
     """Decides when and which tokens of a store's sequences to evict (the store does the compaction)."""
 
-    def __init__(self, config: KVCacheConfig, store: KVStore) -> None:
+    def __init__(self, config: KVCacheConfig, store: KVStore, tracker: CacheStatsTracker | None = None) -> None:
         if not config.evicts_tokens:
             raise CacheValidationError("TokenEvictor needs token_budget or compression_ratio in the config")
         self.config = config
         self.store = store
+        self.tracker = tracker
         self.policy: Policy[int] = make_policy(config.cache_strategy)
         self.needs_attention_mass = config.cache_strategy is not CacheStrategy.LRU
 
@@ -71,6 +73,8 @@ class TokenEvictor:
         target = min(length, max(self.config.sink_tokens, budget - incoming))
         keep = self._select(seq_ids, layer, length, target)
         self.store.keep_tokens(seq_ids, layer, keep)
+        if self.tracker is not None and layer == 0:  # tokens leave every layer alike: count them once
+            self.tracker.record_eviction(self.config.cache_strategy.value, (length - target) * len(seq_ids))
 
     def _select(self, seq_ids: Sequence[int], layer: int, length: int, budget: int) -> torch.Tensor:
         """`[batch, kv_heads, budget]` ascending indices to keep: the sinks, then the policy's pick of the rest."""

@@ -55,6 +55,7 @@ def test_window_with_sinks_keeps_the_first_and_the_newest_tokens() -> None:
     assert 8 <= held <= 8 + 4 and info["seq_length"] == 40 and info["evicted_tokens"] == 40 - held
     expected = torch.cat([tokens[:, :, :2], tokens[:, :, 40 - (held - 2) :]], dim=2)
     torch.testing.assert_close(keys, expected, rtol=0, atol=0)
+    assert cache.get_stats()["evictions_by_policy"] == {"lru": 40 - held}
 
 
 def test_heavy_hitters_keep_the_tokens_that_received_attention() -> None:

@@ -22,7 +22,7 @@ import itertools
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel
@@ -38,6 +38,9 @@ from kv_cache.hf_cache import KVCache, attention_layer_types
 from kv_cache.kv_store import KVStore
 from kv_cache.memory_manager import MemoryManager
 from kv_cache.prefix_cache import PrefixCache, model_fingerprint, root_hash
+
+if TYPE_CHECKING:
+    from kv_cache.metrics import MetricsServer
 from kv_cache.stats import CacheStatsTracker, store_gauges
 from kv_cache.tiers.cpu import CpuTier, host_blocks_per_format
 
@@ -75,7 +78,7 @@ class KVCacheEngine:
         self.tier = _make_tier(self.store, engine_config)
         self.prefix_cache = _make_prefix_cache(model, config, engine_config, self.store, self.tier)
         self.memory = MemoryManager(engine_config, self.device, self.store, self.prefix_cache, self.tier)
-        self.tracker = CacheStatsTracker(config.history_size)
+        self.tracker = CacheStatsTracker(config.history_size, config.snapshot_interval_s)
         self.scheduler = Scheduler(engine_config, self.memory, self.tracker)
         self._requests: dict[int, Request] = {}
         self._ids = itertools.count()
@@ -176,6 +179,12 @@ class KVCacheEngine:
         """Raise `CacheError` with a named diff if a block leaked, is double counted, or a table disagrees."""
         with self._lock:
             check_engine(self)
+
+    def serve_metrics(self, port: int = 9400, addr: str = "127.0.0.1") -> MetricsServer:
+        """Serve `get_stats` in Prometheus format at `http://addr:port/metrics` (needs the `metrics` extra)."""
+        from kv_cache.metrics import serve_metrics
+
+        return serve_metrics(port, self.get_stats, addr)
 
     def get_stats(self, include_history: bool = False) -> dict[str, Any]:
         """Counters and gauges: requests, prefix cache (hit rate in prompt tokens), memory, preemption, tier.

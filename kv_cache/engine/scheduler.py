@@ -190,4 +190,5 @@ class Scheduler:
             request.swapped = None
         request.finish(RequestStatus.FAILED, FinishReason.ERROR, error)
         self.tracker.increment("failed_requests")
+        self.tracker.record_error(error)
         plan.failed.append(request)
