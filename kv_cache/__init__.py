@@ -13,6 +13,7 @@ from kv_cache.engine import EngineConfig, KVCacheEngine, SamplingParams, UltraAd
 from kv_cache.errors import CacheDeviceError, CacheError, CacheMemoryError, CacheValidationError
 from kv_cache.hf_cache import KVCache
 from kv_cache.kv_store import KVStore
+from kv_cache.low_rank import Compressor
 from kv_cache.memory_manager import MemoryManager
 from kv_cache.policies import AdaptivePolicy, LFUPolicy, LRUPolicy, Policy, make_policy
 from kv_cache.prefix_cache import PrefixCache
@@ -48,6 +49,7 @@ __all__ = [
     "CacheStatsTracker",
     "CacheStrategy",
     "CacheValidationError",
+    "Compressor",
     "EngineConfig",
     "KVCache",
     "KVCacheConfig",
