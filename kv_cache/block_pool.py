@@ -8,6 +8,9 @@ of a sequence lives in block `block_table[t // block_size]` at offset `t % block
 Allocation is O(1) per block: free ids sit on a stack (the most recently freed block is reused first, so it is
 likely still in cache). Every block is either free (reference count 0, on the stack) or referenced (count >= 1,
 one per holder); `check_invariants` verifies that conservation law against the holders.
+
+A host pool built with `pin_memory=True` is allocated in page-locked memory when CUDA is present (so copies to and
+from the GPU can be asynchronous), and in plain memory otherwise (`pinned` says which).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from kv_cache.block_format import BlockFormat, DenseBlocks, LayerBlocks, QuantizedBlocks
-from kv_cache.errors import CacheError, CacheMemoryError
+from kv_cache.errors import CacheError, CacheMemoryError, CacheValidationError
 
 
 class BlockPool:
@@ -29,19 +32,31 @@ class BlockPool:
         num_blocks: blocks in the pool (all allocated now, never grown).
         device: where the storage lives.
         capacity_hint: the config field a user should raise when the pool runs out, for error messages.
+        pin_memory: page-lock the storage when CUDA is present (host pools only: `device` must be the CPU).
     """
 
     def __init__(
-        self, block_format: BlockFormat, num_blocks: int, device: torch.device, capacity_hint: str = "num_blocks"
+        self,
+        block_format: BlockFormat,
+        num_blocks: int,
+        device: torch.device,
+        capacity_hint: str = "num_blocks",
+        pin_memory: bool = False,
     ) -> None:
         fmt = block_format
+        if pin_memory and device.type != "cpu":
+            raise CacheValidationError(f"pin_memory=True is for host pools; this pool is on {device}")
         self.block_format = fmt
         self.num_blocks = num_blocks
         self.block_size = fmt.block_size
         self.capacity_hint = capacity_hint
+        self.pinned = pin_memory and torch.cuda.is_available()
         try:
             # Zero-filled, not `empty`: the memory is committed now (no page faults on the first appends).
-            self.layers: list[LayerBlocks] = fmt.allocate(num_blocks, device)
+            if self.pinned:
+                self.layers: list[LayerBlocks] = _pinned_zeros(fmt.allocate(num_blocks, torch.device("meta")))
+            else:
+                self.layers = fmt.allocate(num_blocks, device)
         except torch.OutOfMemoryError as exc:
             raise CacheMemoryError(
                 f"could not allocate {num_blocks} blocks ({num_blocks * fmt.bytes_per_block / 2**20:.1f} MiB) "
@@ -99,13 +114,19 @@ class BlockPool:
             self._ref_counts[block_id] = 1
         return ids
 
-    def share(self, block_ids: Iterable[int]) -> None:
-        """Add one reference to each block (a new holder shares it, e.g. a forked sequence)."""
-        counts = self._ref_counts
+    def check_held(self, block_ids: Iterable[int]) -> None:
+        """Raise `CacheValidationError` unless every id names a block of this pool that something holds."""
         for block_id in block_ids:
-            if counts[block_id] == 0:
-                raise CacheError(f"block {block_id} is free; only referenced blocks can be shared")
-            counts[block_id] += 1
+            if isinstance(block_id, bool) or not isinstance(block_id, int) or not 0 <= block_id < self.num_blocks:
+                raise CacheValidationError(f"block id {block_id!r} is not a block of this pool [0, {self.num_blocks})")
+            if self._ref_counts[block_id] == 0:
+                raise CacheValidationError(f"block {block_id} is free; only referenced blocks can be shared")
+
+    def share(self, block_ids: Sequence[int]) -> None:
+        """Add one reference to each block (a new holder shares it, e.g. a forked sequence); all or none."""
+        self.check_held(block_ids)
+        for block_id in block_ids:
+            self._ref_counts[block_id] += 1
 
     def release(self, block_ids: Iterable[int]) -> None:
         """Drop one reference from each block; a block whose count reaches 0 returns to the free stack."""
@@ -130,17 +151,31 @@ class BlockPool:
             for layer in self.layers
         ]
 
-    def export_block(self, block_id: int) -> list[torch.Tensor]:
-        """Views of one block's tensors in every layer, in storage order (`layer.tensors()` at `block_id`)."""
-        return [tensor[block_id] for layer in self.layers for tensor in layer.tensors()]
+    def storage(self) -> list[torch.Tensor]:
+        """Every storage tensor, `[num_blocks, ...]`: each layer's `tensors()`, layer by layer."""
+        return [tensor for layer in self.layers for tensor in layer.tensors()]
 
-    def import_block(self, block_id: int, tensors: Sequence[torch.Tensor]) -> None:
-        """Overwrite one block with `tensors` (the order `export_block` gives; any device, copied here)."""
-        targets = self.export_block(block_id)
-        if len(targets) != len(tensors):
-            raise CacheError(f"import_block got {len(tensors)} tensors; this format has {len(targets)} per block")
-        for target, tensor in zip(targets, tensors, strict=True):
-            target.copy_(tensor, non_blocking=True)
+    def export_blocks(self, block_ids: Sequence[int]) -> list[list[torch.Tensor]]:
+        """Host copies of blocks: `[block][tensor]`, each tensor a block's slice of `storage()` (per-block shape,
+        storage dtype), what `kv_cache.tiers.codec.encode_block` takes. One gather and one copy per tensor."""
+        index = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
+        gathered = [tensor.index_select(0, index).cpu() for tensor in self.storage()]
+        return [[tensor[row] for tensor in gathered] for row in range(len(block_ids))]
+
+    def import_blocks(self, block_ids: Sequence[int], blocks: Sequence[Sequence[torch.Tensor]]) -> None:
+        """Overwrite blocks with `blocks[i]` (`export_blocks`' per-block order; any device, copied here): one
+        stacked copy and one `index_copy_` per storage tensor."""
+        if len(block_ids) != len(blocks):
+            raise CacheValidationError(f"import_blocks got {len(blocks)} blocks for {len(block_ids)} block ids")
+        targets = self.storage()
+        if any(len(tensors) != len(targets) for tensors in blocks):
+            raise CacheValidationError(f"import_blocks needs {len(targets)} tensors per block (this format's)")
+        if not blocks:
+            return
+        index = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
+        for position, target in enumerate(targets):
+            stacked = torch.stack([tensors[position] for tensors in blocks]).to(self.device, non_blocking=True)
+            target.index_copy_(0, index, stacked)
 
     def check_invariants(self, holders: Iterable[Sequence[int]]) -> None:
         """Raise `CacheError` unless free + referenced == capacity and each count equals its holders.
@@ -160,3 +195,17 @@ class BlockPool:
                 problems.append(f"block {block_id}: ref count {count} but free={block_id in free}")
         if problems:
             raise CacheError("block pool invariant violated: " + "; ".join(problems[:10]))
+
+
+def _pinned_zeros(layers: list[LayerBlocks]) -> list[LayerBlocks]:
+    """Zero-filled page-locked host storage shaped like `layers` (which may be on the meta device)."""
+
+    def zeros(like: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(like.shape, dtype=like.dtype, pin_memory=True)
+
+    return [
+        DenseBlocks(zeros(layer.keys), zeros(layer.values))
+        if isinstance(layer, DenseBlocks)
+        else QuantizedBlocks(layer.bits, layer.group_size, *(zeros(tensor) for tensor in layer.tensors()))
+        for layer in layers
+    ]

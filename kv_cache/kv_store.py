@@ -1,8 +1,11 @@
 """`KVStore`: the block tables of many sequences over preallocated block pools.
 
 It is the one place that writes and reads a sequence's tokens: `append` finds (or allocates) the slots for new
-tokens and copies them in, `read` gathers what attention needs, `fork` shares every block with a new sequence,
-and a write into a shared block first copies it (copy-on-write). Every public method takes the store's lock, so
+tokens and copies them in (`blocks_needed_for_append` says beforehand what that allocates), `read`/`paged_kv`
+give attention the blocks (`store_reads.StoreReads` does the gathering), `fork` shares every block with a new
+sequence, `adopt_blocks` starts one on existing blocks (a prefix cache's, a swap's copies), and a write into a
+shared block first copies it (copy-on-write). Token eviction compacts what a row keeps (`keep_tokens`) and
+tracks attention per token (`attention_mass.AttentionMass`). Every public method takes the store's lock, so
 threads may share one store.
 
 With quantization there are two pools: `quantized_pool` holds sealed blocks (packed codes), `pool` the
@@ -14,23 +17,21 @@ Inputs and outputs use Hugging Face's layout: `[batch, kv_heads, tokens, head_di
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Sequence
 
 import torch
 
 from kv_cache.attention.paged_kv import PagedKV
-from kv_cache.block_format import BlockFormat, DenseBlocks
+from kv_cache.attention_mass import AttentionMass, compact, token_slots
+from kv_cache.block_format import BlockFormat
 from kv_cache.block_io import StateSpec, check_states, token_rows, write_dense
 from kv_cache.block_pool import BlockPool
 from kv_cache.block_table import BlockTable, SealBatch, WritePlan, blocks_needed, plan_append
-from kv_cache.block_views import VersionedCache, block_rows, consecutive_run, paged_view
 from kv_cache.config import CacheMode, CacheStrategy, KVCacheConfig
 from kv_cache.errors import CacheMemoryError, CacheValidationError
 from kv_cache.sealing import Sealer
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from kv_cache.store_reads import ReadBatch, StoreReads
 
 
 class KVStore:
@@ -53,11 +54,9 @@ class KVStore:
         self._tables: dict[int, BlockTable] = {}
         self._next_id = 0
         self._lock = threading.RLock()
-        self._version = 0  # bumped whenever a block id list changes; keys the block-table tensor cache
-        self._block_tables: VersionedCache[tuple[torch.Tensor, int | None]] = VersionedCache()
-        self._paged_views: VersionedCache[PagedKV] = VersionedCache()
-        self._mass: list[torch.Tensor] | None = None  # per layer [slots, kv_heads] fp32, for LFU/ADAPTIVE eviction
-        self._read_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._version = 0  # bumped whenever a block id list changes; keys the read side's caches
+        self._reads: StoreReads | None = None  # made with the pools
+        self._mass: AttentionMass | None = None  # for token eviction by LFU/ADAPTIVE
 
     # ----------------------------------------------------------------------------------------------- setup
     def initialize(
@@ -92,9 +91,10 @@ class KVStore:
                 self.quantized_pool = BlockPool(sealed, count, device, capacity_hint=hint)
                 self.sealer = Sealer(self.pool, self.quantized_pool, config.residual_tokens)
             self.model_dtype = dtype
+            self._reads = StoreReads(self.pool, self.quantized_pool, dtype, config.cache_mode is CacheMode.TRAINING)
             if config.evicts_tokens and config.cache_strategy is not CacheStrategy.LRU:
                 slots = self.pool.num_blocks * self.block_size
-                self._mass = [torch.zeros(slots, kv_heads, device=device) for _ in range(self.num_layers)]
+                self._mass = AttentionMass(self.num_layers, slots, kv_heads, self.block_size, device)
 
     def _pool_size(self, fmt: BlockFormat, default: int, reserved_bytes: int) -> tuple[int, str]:
         """Blocks of `fmt` in the pool and the config field that sets it (for error messages)."""
@@ -121,27 +121,37 @@ class KVStore:
             self._tables[seq_id] = BlockTable.empty(self.num_layers)
             return seq_id
 
-    def adopt_prefix(self, seq_id: int, block_ids: Sequence[int], quantized: bool = False) -> None:
-        """Start an empty sequence with `block_ids` as its first whole blocks (shared, e.g. from a prefix cache).
+    def adopt_blocks(self, seq_id: int, sealed_ids: Sequence[int], dense_ids: Sequence[int], num_tokens: int) -> None:
+        """Start an empty sequence with existing blocks, shared copy-on-write (a prefix cache's, a swap's copies).
 
-        The blocks (full precision, or sealed when `quantized`) must hold `block_size` tokens in every layer; the
-        sequence then holds `len(block_ids) * block_size` tokens and shares them copy-on-write.
+        `sealed_ids`: quantized blocks holding its first tokens (whole blocks, quantized stores only); then
+        `dense_ids`: full-precision blocks holding the rest, `num_tokens` tokens in all and in every layer (the
+        last block may be partly filled). Each block gains one reference.
         """
         with self._lock:
             table = self._table(seq_id)
-            pool = self.quantized_pool if quantized else self.pool
+            sealed_tokens = len(sealed_ids) * self.block_size
             if table.num_tokens or table.quantized_ids or table.dense_blocks:
-                raise CacheValidationError(f"sequence {seq_id} is not empty; a prefix can only start a sequence")
-            if pool is None:
+                raise CacheValidationError(f"sequence {seq_id} is not empty; blocks can only start a sequence")
+            if self.pool is None or (sealed_ids and self.quantized_pool is None):
                 raise CacheValidationError("the pool is not allocated yet (or not quantized); initialize it first")
-            pool.share(block_ids)
-            tokens = len(block_ids) * self.block_size
-            if quantized:
-                table.quantized_ids = list(block_ids)
-                table.layer_sealed = [tokens] * self.num_layers
-            else:
-                table.dense_blocks = dict(enumerate(block_ids))
-            table.layer_lengths = [tokens] * self.num_layers
+            if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
+                raise CacheValidationError(f"num_tokens={num_tokens!r} must be an int")
+            if num_tokens < sealed_tokens or blocks_needed(num_tokens - sealed_tokens, self.block_size) != len(
+                dense_ids
+            ):
+                raise CacheValidationError(
+                    f"{len(sealed_ids)} sealed and {len(dense_ids)} full-precision blocks of {self.block_size} "
+                    f"tokens cannot hold exactly num_tokens={num_tokens}"
+                )
+            self.pool.check_held(dense_ids)  # both pools first: nothing is shared unless all can be
+            if self.quantized_pool is not None:
+                self.quantized_pool.share(sealed_ids)
+            self.pool.share(dense_ids)
+            table.quantized_ids = list(sealed_ids)
+            table.dense_blocks = {len(sealed_ids) + i: block for i, block in enumerate(dense_ids)}
+            table.layer_sealed = [sealed_tokens] * self.num_layers
+            table.layer_lengths = [num_tokens] * self.num_layers
             self._version += 1
 
     def fork(self, seq_id: int) -> int:
@@ -261,13 +271,9 @@ class KVStore:
             if key.shape[2] == 0:
                 return
             tables = [self._table(s) for s in seq_ids]
-            count = key.shape[2]
-            sealer = self.sealer
-            plans = [
-                plan_append(t, layer, count, self.block_size, sealer.target(t, layer, count) if sealer else 0)
-                for t in tables
-            ]
+            plans = [self._plan(table, layer, key.shape[2]) for table in tables]
             rows = (token_rows(key), token_rows(value))
+            sealer = self.sealer
             seals = sealer.plan(tables, plans, layer) if sealer else []
             self._check_capacity(tables, plans, seals)
             if seals and sealer:
@@ -281,7 +287,23 @@ class KVStore:
             for table, plan in zip(tables, plans, strict=True):
                 table.layer_lengths[layer] = plan.end
                 if self._mass is not None:  # a new token has received no attention yet
-                    self._mass[layer][self._slots(table, plan.end)[plan.start :]] = 0
+                    self._mass.clear(layer, self._slots(table, plan.end)[plan.start :])
+
+    def blocks_needed_for_append(self, seq_id: int, count: int) -> tuple[int, int]:
+        """Blocks that appending `count` tokens to every layer of a sequence allocates: `(full-precision, sealed)`,
+        the full-precision count net of the blocks its sealing releases.
+
+        This is what `append` checks before layer 0 writes (the later layers fill the blocks layer 0 allocated),
+        for a sequence whose layers hold the same number of tokens, as between model steps.
+        """
+        with self._lock:
+            if self.pool is None:
+                raise CacheValidationError("the pool is not allocated yet; initialize it first")
+            table = self._table(seq_id)
+            plans = [self._plan(table, 0, count)]
+            seals = self.sealer.plan([table], plans, 0) if self.sealer else []
+            dense, released, sealed = self._needs([table], plans, seals)
+            return max(0, dense - released), sealed
 
     def read(self, seq_ids: Sequence[int], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the sequences in `layer`, oldest first, for attention (dequantized if sealed).
@@ -292,41 +314,7 @@ class KVStore:
         run of consecutive ids (no copy at all), else of a workspace that the next `read` overwrites.
         """
         with self._lock:
-            tables = [self._table(s) for s in seq_ids]
-            lengths = {t.layer_lengths[layer] for t in tables}
-            if len(lengths) != 1:
-                raise CacheValidationError(
-                    f"read needs sequences of equal length in layer {layer}; got lengths {sorted(lengths)}"
-                )
-            length = lengths.pop()
-            if self.pool is None or length == 0:
-                raise CacheValidationError(f"layer {layer} of sequences {list(seq_ids)} holds no tokens yet")
-            dense = self.pool.dense(layer)
-            num_blocks = blocks_needed(length, self.block_size)
-            flat_shape = (len(tables), num_blocks * self.block_size, *dense.keys.shape[-2:])
-            if self.config.cache_mode is CacheMode.TRAINING:
-                # Fresh tensors that carry the autograd graph back to the appended states (no workspace, no view
-                # of a pool that later appends modify in place). Training configs are never quantized.
-                ids = self.block_table_tensor(seq_ids, 0, num_blocks).flatten()
-                keys, values = (t.index_select(0, ids).view(flat_shape) for t in (dense.keys, dense.values))
-                return keys[:, :length].transpose(1, 2), values[:, :length].transpose(1, 2)
-            if tables[0].layer_sealed[layer] == 0 and dense.keys.dtype == self.model_dtype:
-                _, run = self._block_rows(seq_ids, 0, num_blocks)
-                if run is not None:  # zero-copy: the blocks are consecutive in the pool
-                    keys, values = (t[run : run + num_blocks].view(flat_shape) for t in (dense.keys, dense.values))
-                    return keys[:, :length].transpose(1, 2), values[:, :length].transpose(1, 2)
-            shape = (len(tables), num_blocks, self.block_size, *dense.keys.shape[-2:])
-            key_out, value_out = (buffer.view(shape) for buffer in self._workspace(math.prod(shape)))
-            sealed = {t.layer_sealed[layer] // self.block_size for t in tables}
-            if len(sealed) == 1:
-                self._gather(seq_ids, layer, (sealed.pop(), num_blocks), (key_out, value_out))
-            else:  # rows sealed to different depths (after uneven truncation): one row at a time
-                for row, (seq_id, table) in enumerate(zip(seq_ids, tables, strict=True)):
-                    span = (table.layer_sealed[layer] // self.block_size, num_blocks)
-                    self._gather([seq_id], layer, span, (key_out[row : row + 1], value_out[row : row + 1]))
-            keys = key_out.view(flat_shape)[:, :length].transpose(1, 2)
-            values = value_out.view(flat_shape)[:, :length].transpose(1, 2)
-            return keys, values
+            return self._reader().read(self._batch(seq_ids), layer)
 
     def keep_tokens(self, seq_ids: Sequence[int], layer: int, keep: torch.Tensor) -> None:
         """Evict every token of `layer` but `keep` and compact the kept ones to the front (order preserved).
@@ -348,12 +336,9 @@ class KVStore:
                         f"keep has shape {tuple(keep.shape)}; expected [batch, kv_heads, <= {length}]"
                     )
                 self._make_private(table, range(blocks_needed(kept, size)))
-                slots = self._slots(table, length)
                 dense = pool.dense(layer)
-                heads = torch.arange(keep.shape[1], device=pool.device)
-                source = slots[keep[row].to(pool.device)].T  # [kept, kv_heads]: slot of each kept token, per head
-                for storage in self._token_storages(layer, dense):
-                    storage[slots[:kept]] = storage[source, heads]
+                mass = [self._mass.storage(layer)] if self._mass is not None else []
+                compact([dense.key_slots, dense.value_slots, *mass], self._slots(table, length), keep[row])
                 table.layer_lengths[layer] = kept
                 table.layer_evicted[layer] += length - kept
                 self._release_beyond(table)
@@ -366,7 +351,7 @@ class KVStore:
             for row, seq_id in enumerate(seq_ids):
                 table = self._table(seq_id)
                 slots = self._slots(table, table.layer_lengths[layer])
-                self._mass[layer].index_add_(0, slots, mass[row, :, : slots.numel()].T.float())
+                self._mass.add(layer, slots, mass[row, :, : slots.numel()])
 
     def attention_mass(self, seq_id: int, layer: int) -> torch.Tensor:
         """Accumulated attention per held token of one sequence: `[kv_heads, tokens]` fp32."""
@@ -374,21 +359,15 @@ class KVStore:
             if self._mass is None:
                 raise CacheValidationError("this store does not track attention mass (no LFU/ADAPTIVE eviction)")
             table = self._table(seq_id)
-            return self._mass[layer][self._slots(table, table.layer_lengths[layer])].T
+            return self._mass.read(layer, self._slots(table, table.layer_lengths[layer]))
 
     def _slots(self, table: BlockTable, length: int) -> torch.Tensor:
-        """`[length]` int64 slots (block id * block_size + offset) of a table's first `length` full-precision tokens."""
         assert self.pool is not None
-        ids = torch.tensor([table.dense_blocks[x] for x in range(blocks_needed(length, self.block_size))])
-        offsets = torch.arange(self.block_size)
-        return (ids[:, None] * self.block_size + offsets).flatten()[:length].to(self.pool.device)
+        return token_slots(table, length, self.block_size, self.pool.device)
 
-    def _token_storages(self, layer: int, dense: DenseBlocks) -> list[torch.Tensor]:
-        """Per-slot tensors of `layer` that move with a token: keys, values and, if tracked, attention mass."""
-        return [dense.key_slots, dense.value_slots, *([self._mass[layer]] if self._mass is not None else [])]
-
-    def _make_private(self, table: BlockTable, logicals: range) -> None:
-        """Copy-on-write the shared full-precision blocks among `logicals` before they are rewritten."""
+    def _make_private(self, table: BlockTable, logicals: Sequence[int]) -> None:
+        """Copy-on-write the shared full-precision blocks among `logicals` before they are rewritten (the last
+        holder keeps a block)."""
         assert self.pool is not None
         shared = [x for x in logicals if self.pool.ref_count(table.dense_blocks[x]) > 1]
         if len(shared) > self.pool.num_free:
@@ -400,15 +379,10 @@ class KVStore:
             old = table.dense_blocks[logical]
             (table.dense_blocks[logical],) = self.pool.allocate(1)
             self.pool.copy_block(old, table.dense_blocks[logical])
-            self._copy_mass(old, table.dense_blocks[logical])
+            if self._mass is not None:
+                self._mass.copy_block(old, table.dense_blocks[logical])
             self.pool.release([old])
             self._version += 1
-
-    def _copy_mass(self, src: int, dst: int) -> None:
-        if self._mass is not None:
-            size = self.block_size
-            for mass in self._mass:
-                mass[dst * size : (dst + 1) * size] = mass[src * size : (src + 1) * size]
 
     def _release_beyond(self, table: BlockTable) -> None:
         """Release full-precision blocks past what any layer holds."""
@@ -424,16 +398,7 @@ class KVStore:
         Rows may hold different numbers of tokens (see `block_views.paged_view`).
         """
         with self._lock:
-            if self.pool is None:
-                raise CacheValidationError("the cache holds no tokens yet")
-            tables = [self._table(s) for s in seq_ids]
-            key = (tuple(seq_ids), layer, *(t.layer_lengths[layer] for t in tables))
-            view = self._paged_views.get(key, self._version)
-            if view is None:
-                view = self._paged_views.put(
-                    key, self._version, paged_view(tables, layer, self.pool, self.quantized_pool)
-                )
-            return view
+            return self._reader().paged_kv(self._batch(seq_ids), layer)
 
     def block_table_tensor(
         self, seq_ids: Sequence[int], first: int, count: int, quantized: bool = False
@@ -442,21 +407,16 @@ class KVStore:
 
         `quantized` picks the sealed blocks (`quantized_ids`) instead of the full-precision ones.
         """
-        return self._block_rows(seq_ids, first, count, quantized)[0]
-
-    def _block_rows(
-        self, seq_ids: Sequence[int], first: int, count: int, quantized: bool = False
-    ) -> tuple[torch.Tensor, int | None]:
-        """`block_table_tensor`, and the first id when the batch is one row of consecutive ids (else None)."""
         with self._lock:
-            key = (tuple(seq_ids), first, count, quantized)
-            cached = self._block_tables.get(key, self._version)
-            if cached is None:
-                assert self.pool is not None
-                rows = block_rows([self._table(s) for s in seq_ids], first, count, quantized)
-                tensor = torch.tensor(rows, dtype=torch.long, device=self.pool.device)
-                cached = self._block_tables.put(key, self._version, (tensor, consecutive_run(rows)))
-            return cached
+            return self._reader().block_rows(self._batch(seq_ids), first, count, quantized)[0]
+
+    def _reader(self) -> StoreReads:
+        if self._reads is None:
+            raise CacheValidationError("the cache holds no tokens yet")
+        return self._reads
+
+    def _batch(self, seq_ids: Sequence[int]) -> ReadBatch:
+        return ReadBatch(tuple(seq_ids), [self._table(s) for s in seq_ids], self._version)
 
     # ------------------------------------------------------------------------------------------ invariants
     def check_invariants(
@@ -496,25 +456,33 @@ class KVStore:
         except KeyError:
             raise CacheValidationError(f"sequence id {seq_id!r} is not in this cache") from None
 
-    def _check_capacity(self, tables: list[BlockTable], plans: list[WritePlan], seals: list[SealBatch]) -> None:
-        """Raise `CacheMemoryError`, before anything changes, if the pools cannot hold what `plans` need."""
+    def _plan(self, table: BlockTable, layer: int, count: int) -> WritePlan:
+        """Where `count` new tokens of `layer` go, sealing every whole block older than the residual window."""
+        seal_to = self.sealer.target(table, layer, count) if self.sealer else 0
+        return plan_append(table, layer, count, self.block_size, seal_to)
+
+    def _needs(self, tables: list[BlockTable], plans: list[WritePlan], seals: list[SealBatch]) -> tuple[int, int, int]:
+        """`(full-precision blocks allocated, full-precision blocks released by sealing, sealed blocks allocated)`
+        by `plans`: new blocks plus copy-on-write copies of shared ones."""
         pool = self.pool
         assert pool is not None
+        shared = [
+            [b for b in (t.dense_blocks[x] for x in p.overwritten) if pool.ref_count(b) > 1]
+            for t, p in zip(tables, plans, strict=True)
+        ]
+        dense = sum(len(p.new_dense) for p in plans) + _copies_needed(pool, shared)
+        released = self.sealer.released_by(tables, seals) if self.sealer else 0
+        return dense, released, sum(p.new_sealed for p in plans)
+
+    def _check_capacity(self, tables: list[BlockTable], plans: list[WritePlan], seals: list[SealBatch]) -> None:
+        """Raise `CacheMemoryError`, before anything changes, if the pools cannot hold what `plans` need."""
         for plan in plans:
             if plan.end > self.config.max_tokens:
                 raise CacheMemoryError(
                     f"a sequence would hold {plan.end} tokens but max_tokens={self.config.max_tokens}; raise max_tokens"
                 )
-        shared = [
-            [b for b in (t.dense_blocks[x] for x in p.overwritten) if pool.ref_count(b) > 1]
-            for t, p in zip(tables, plans, strict=True)
-        ]
-        dense_needed = sum(len(p.new_dense) for p in plans) + _copies_needed(pool, shared)
-        sealed_needed = sum(p.new_sealed for p in plans)
-        for target, needed, freed in (
-            (pool, dense_needed, self.sealer.released_by(tables, seals) if self.sealer else 0),
-            (self.quantized_pool, sealed_needed, 0),
-        ):
+        dense, released, sealed = self._needs(tables, plans, seals)
+        for target, needed, freed in ((self.pool, dense, released), (self.quantized_pool, sealed, 0)):
             if target is not None and needed > target.num_free + freed:
                 raise CacheMemoryError(
                     f"requested {needed} blocks but only {target.num_free + freed} of {target.num_blocks} are free "
@@ -529,41 +497,7 @@ class KVStore:
             if plan.new_dense:
                 table.dense_blocks.update(zip(plan.new_dense, pool.allocate(len(plan.new_dense)), strict=True))
                 self._version += 1
-            for logical in plan.overwritten:
-                old = table.dense_blocks[logical]
-                if pool.ref_count(old) > 1:  # copy-on-write; the last holder keeps the block
-                    (table.dense_blocks[logical],) = pool.allocate(1)
-                    pool.copy_block(old, table.dense_blocks[logical])
-                    self._copy_mass(old, table.dense_blocks[logical])
-                    pool.release([old])
-                    self._version += 1
-
-    def _gather(
-        self,
-        seq_ids: Sequence[int],
-        layer: int,
-        span: tuple[int, int],
-        out: tuple[torch.Tensor, torch.Tensor],
-    ) -> None:
-        """Fill `out` (`[batch, num_blocks, block_size, kv_heads, head_dim]`, model dtype) with logical blocks
-        `[0, num_blocks)`: the first `sealed` dequantized, the rest copied from the full-precision tail."""
-        assert self.pool is not None
-        sealed, num_blocks = span
-        batch = len(seq_ids)
-        if sealed and self.quantized_pool is not None:
-            ids = self.block_table_tensor(seq_ids, 0, sealed, quantized=True).flatten()
-            for target, blocks in zip(out, self.quantized_pool.quantized(layer).read(ids), strict=True):
-                target[:, :sealed].copy_(blocks.view(batch, sealed, *blocks.shape[1:]))
-        if num_blocks == sealed:
-            return
-        dense = self.pool.dense(layer)
-        ids = self.block_table_tensor(seq_ids, sealed, num_blocks - sealed).flatten()
-        if sealed == 0 and dense.keys.dtype == out[0].dtype:  # gather straight into the workspace
-            for target, storage in zip(out, (dense.keys, dense.values), strict=True):
-                torch.index_select(storage, 0, ids, out=target.view(-1, *storage.shape[1:]))
-            return
-        for target, blocks in zip(out, dense.read(ids), strict=True):
-            target[:, sealed:].copy_(blocks.view(batch, num_blocks - sealed, *blocks.shape[1:]))
+            self._make_private(table, plan.overwritten)
 
     def _release_sealed(self, table: BlockTable) -> None:
         """Release full-precision blocks that every layer has sealed."""
@@ -572,17 +506,6 @@ class KVStore:
         if done and self.pool is not None:
             self.pool.release(table.dense_blocks.pop(logical) for logical in done)
             self._version += 1
-
-    def _workspace(self, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two flat buffers of at least `numel` elements for `read`, grown geometrically and then reused."""
-        if self._read_buffers is None or self._read_buffers[0].numel() < numel:
-            assert self.pool is not None and self.model_dtype is not None
-            capacity = max(numel, 2 * self._read_buffers[0].numel() if self._read_buffers else 0)
-            self._read_buffers = tuple(  # type: ignore[assignment]
-                torch.empty(capacity, dtype=self.model_dtype, device=self.pool.device) for _ in range(2)
-            )
-        assert self._read_buffers is not None
-        return self._read_buffers[0][:numel], self._read_buffers[1][:numel]
 
     def validate_inputs(
         self, seq_ids: Sequence[int] | None, layer: int, key: torch.Tensor, value: torch.Tensor

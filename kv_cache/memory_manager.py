@@ -1,9 +1,10 @@
 """`MemoryManager`: a request's blocks over their life, and what to do when the device pool runs out.
 
 It plays nano-vllm's `BlockManager` for the engine: `allocate` starts a request's sequence in the store (reusing
-the prefix cache's blocks), `register_blocks` hands its newly written full blocks to the prefix cache, `free`
-releases it, `append_needs`/`make_room` say whether a step's tokens fit. When blocks run out, the order of
-resort is:
+the prefix cache's blocks: device pool, CPU tier, then the remote tier when one is linked), `register_blocks` hands
+its newly written full blocks to the prefix cache, `free` releases it, `append_needs`/`make_room` say whether a
+step's tokens fit (the store plans the append: `KVStore.blocks_needed_for_append`). When blocks run out, the order
+of resort is:
 
     1. free blocks of the pool
     2. blocks only the prefix cache holds: evicted by its policy (demoted to the CPU tier when it has room)
@@ -30,6 +31,7 @@ from kv_cache.errors import CacheMemoryError
 from kv_cache.kv_store import KVStore
 from kv_cache.prefix_cache import PrefixCache, chain_hashes
 from kv_cache.tiers.cpu import CpuTier
+from kv_cache.tiers.remote import RemoteLink
 
 if TYPE_CHECKING:  # the engine package imports this module; its types are only annotations here
     from kv_cache.engine.config import EngineConfig
@@ -66,7 +68,7 @@ class MemoryManager:
         device: where the pools live (CUDA gets `empty_cache` on OOM).
         store: the block store of every request.
         prefix_cache: the prefix cache over `store`'s shareable pool, or None when prefix caching is off.
-        tier: the CPU tier, or None.
+        tiers: the CPU tier and the remote link (to the Redis tier) below the prefix cache, each None if absent.
     """
 
     def __init__(
@@ -75,7 +77,7 @@ class MemoryManager:
         device: torch.device,
         store: KVStore,
         prefix_cache: PrefixCache | None = None,
-        tier: CpuTier | None = None,
+        tiers: tuple[CpuTier | None, RemoteLink | None] = (None, None),
     ) -> None:
         if store.pool is None:
             raise CacheMemoryError("the store's pools are not allocated; call store.initialize(...) first")
@@ -85,7 +87,7 @@ class MemoryManager:
         self.pool: BlockPool = store.pool
         self.quantized_pool = store.quantized_pool
         self.prefix_cache = prefix_cache
-        self.tier = tier
+        self.tier, self.remote = tiers
         self.block_size = store.block_size
         self.counters = dict.fromkeys(
             ("preempted_swap", "preempted_recompute", "swap_fallbacks", "swapped_out_blocks", "swapped_in_blocks",
@@ -98,7 +100,8 @@ class MemoryManager:
         """Start `request`'s sequence, adopting the longest cached prefix of its tokens; returns tokens reused.
 
         At most `num_tokens - 1` tokens are reused: the last one is always computed, for its logits. Blocks
-        promoted from the CPU tier leave `reserved` (promised to this step's other requests) free.
+        promoted from the CPU tier or fetched from the remote tier leave `reserved` (promised to this step's other
+        requests) free.
         """
         request.seq_id = self.store.add_sequence()
         request.num_computed, request.cached_blocks = 0, []
@@ -107,11 +110,16 @@ class MemoryManager:
             return 0
         tokens = request.tokens
         chain_hashes(cache.root, tokens, self.block_size, request.block_hashes)
-        spare = reserved.sealed if self.quantized_pool is not None else reserved.dense
-        chain = cache.lookup(request.block_hashes, tokens, (len(tokens) - 1) // self.block_size, spare)
+        quantized = self.quantized_pool is not None
+        spare, max_blocks = reserved.sealed if quantized else reserved.dense, (len(tokens) - 1) // self.block_size
+        chain = cache.lookup(request.block_hashes, tokens, max_blocks, spare)
+        if self.remote is not None:
+            chain += self.remote.fetch(request.block_hashes, tokens, chain, max_blocks, spare)
         if chain:
             block_ids = [entry.block_id for entry in chain if entry.block_id is not None]
-            self.store.adopt_prefix(request.seq_id, block_ids, quantized=self.quantized_pool is not None)
+            num_tokens = len(block_ids) * self.block_size
+            sealed, dense = (block_ids, []) if quantized else ([], block_ids)
+            self.store.adopt_blocks(request.seq_id, sealed, dense, num_tokens)
         request.cached_blocks = [entry.serial for entry in chain]
         request.num_computed = len(chain) * self.block_size
         return request.num_computed
@@ -150,23 +158,10 @@ class MemoryManager:
 
     # ----------------------------------------------------------------------------------------------- room
     def append_needs(self, seq_id: int, count: int) -> BlockNeeds:
-        """Blocks appending `count` tokens to a sequence allocates (what `KVStore.append` plans, all layers).
-
-        With quantization, full-precision blocks that the append seals (and releases) count as freed first.
-        """
-        size, start = self.block_size, self.store.num_tokens(seq_id)
-        end = start + count
-        held = self.store.dense_blocks(seq_id)
-        if self.quantized_pool is None:
-            return BlockNeeds(dense=sum(1 for x in range(start // size, blocks_needed(end, size)) if x not in held))
-        sealed = self.store.num_sealed(seq_id, 0)
-        seal_to = max(sealed, (end - self.store.config.residual_tokens) // size * size)
-        dense_from = max(start, seal_to)
-        new = range(dense_from // size, blocks_needed(end, size)) if dense_from < end else range(0)
-        released = sum(1 for x, b in held.items() if x < seal_to // size and self.pool.ref_count(b) == 1)
-        new_dense = sum(1 for x in new if x not in held)
-        sealed_new = max(0, seal_to // size - len(self.store.quantized_block_ids(seq_id)))
-        return BlockNeeds(dense=max(0, new_dense - released), sealed=sealed_new)
+        """Blocks appending `count` tokens to a sequence allocates in all layers (`KVStore.append`'s own plan),
+        net of the full-precision blocks it seals and releases."""
+        dense, sealed = self.store.blocks_needed_for_append(seq_id, count)
+        return BlockNeeds(dense=dense, sealed=sealed)
 
     def make_room(self, needs: BlockNeeds) -> bool:
         """Whether `needs` fit in the free blocks, after evicting blocks only the prefix cache holds."""
@@ -250,42 +245,41 @@ class MemoryManager:
         return BlockNeeds(dense=len(swapped.dense_host_ids) + 1, sealed=len(swapped.sealed_host_ids))
 
     def swap_in(self, request: Request) -> None:
-        """Rebuild a swapped request's sequence on the device, bit for bit (room checked by `swap_in_needs`).
-
-        Whole blocks come back as blocks (`adopt_prefix`); the full-precision tail of a quantized store, and the
-        partial last block, are appended again token by token from their host copies.
-        """
-        swapped, tier = request.swapped, self.tier
-        if not isinstance(swapped, SwappedSequence) or tier is None:
+        """Rebuild a swapped request's sequence on the device, bit for bit (room checked by `swap_in_needs`): its
+        blocks, the partly filled last one included, are copied back and adopted as they were."""
+        swapped = request.swapped
+        if not isinstance(swapped, SwappedSequence) or self.tier is None:
             raise CacheMemoryError(f"request {request.request_id} has no swapped blocks to restore")
         seq_id = self.store.add_sequence()
-        dense_host = swapped.dense_host_ids
-        whole = 0 if self.quantized_pool is not None else swapped.num_tokens // self.block_size
+        sealed: list[int] = []
+        dense: list[int] = []
         try:
             if self.quantized_pool is not None:
-                self._restore_blocks(seq_id, self.quantized_pool, swapped.sealed_host_ids)
-            else:
-                self._restore_blocks(seq_id, self.pool, dense_host[:whole])
-            tail = swapped.num_tokens - self.store.num_tokens(seq_id)
-            for layer in range(self.store.num_layers if tail else 0):
-                key, value = tier.read_tokens(self.pool.block_format, dense_host[whole:], layer, tail)
-                self.store.append([seq_id], layer, key.to(self.store.model_dtype), value.to(self.store.model_dtype))
+                sealed = self._load(self.quantized_pool, swapped.sealed_host_ids)
+            dense = self._load(self.pool, swapped.dense_host_ids)
+            self.store.adopt_blocks(seq_id, sealed, dense, swapped.num_tokens)
         except BaseException:  # the host copies stay; the half-built sequence must not leak
             self.store.free(seq_id)
             raise
+        finally:  # the sequence holds the blocks now (or, after an error, nobody)
+            self.pool.release(dense)
+            if self.quantized_pool is not None:
+                self.quantized_pool.release(sealed)
         self.discard(swapped)
         request.seq_id, request.swapped = seq_id, None
-        self.counters["swapped_in_blocks"] += len(swapped.sealed_host_ids) + len(dense_host)
+        self.counters["swapped_in_blocks"] += len(swapped.sealed_host_ids) + len(swapped.dense_host_ids)
 
-    def _restore_blocks(self, seq_id: int, pool: BlockPool, host_ids: list[int]) -> None:
-        if not host_ids or self.tier is None:
-            return
+    def _load(self, pool: BlockPool, host_ids: list[int]) -> list[int]:
+        """New device blocks of `pool` holding copies of host blocks `host_ids` (same order)."""
+        if self.tier is None:
+            raise CacheMemoryError("there is no CPU tier to load blocks from")
         block_ids = pool.allocate(len(host_ids))
         try:
             self.tier.load(host_ids, pool, block_ids)
-            self.store.adopt_prefix(seq_id, block_ids, quantized=pool is self.quantized_pool)
-        finally:
-            pool.release(block_ids)  # the sequence holds them now (or, after an error, nobody)
+        except BaseException:
+            pool.release(block_ids)
+            raise
+        return block_ids
 
     def discard(self, swapped: SwappedSequence) -> None:
         """Free a swapped sequence's host blocks (it resumed, or was aborted)."""

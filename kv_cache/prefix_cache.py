@@ -21,6 +21,10 @@ block is *evictable*, and `evict` lets the policy (`make_policy(config.cache_str
 tier a victim is demoted (copied to host memory, its device block freed) and a later hit promotes it back; the
 host copies have their own policy and are dropped when the tier needs room. Lookup touches the matched blocks
 tail first, so a chain's last blocks are evicted before its first (vLLM frees a request's blocks in that order).
+
+Below the CPU tier a remote tier (Redis, through `kv_cache.tiers.remote.RemoteLink`) continues the chain:
+`insert_chain` caches blocks fetched from it as if they had been computed here, and with `collect_new` the cache
+remembers the blocks registered since `take_new_blocks` last ran, for writing them down.
 """
 
 from __future__ import annotations
@@ -106,9 +110,17 @@ class PrefixCache:
         strategy: the eviction policy for device blocks (and for host copies).
         root: `root_hash(...)` of this model, format and namespace.
         tier: where evicted blocks are demoted; None drops them.
+        collect_new: remember newly registered blocks for `take_new_blocks` (a remote tier writes them down).
     """
 
-    def __init__(self, pool: BlockPool, strategy: CacheStrategy, root: bytes, tier: CpuTier | None = None) -> None:
+    def __init__(
+        self,
+        pool: BlockPool,
+        strategy: CacheStrategy,
+        root: bytes,
+        tier: CpuTier | None = None,
+        collect_new: bool = False,
+    ) -> None:
         self.pool = pool
         self.block_size = pool.block_size
         self.root = root
@@ -118,9 +130,10 @@ class PrefixCache:
         self._next_serial = 0
         self._device_policy = make_policy(strategy)
         self._host_policy = make_policy(strategy)
+        self._new: list[int] | None = [] if collect_new else None  # serials registered since take_new_blocks
         self.counters = dict.fromkeys(
             ("lookups", "hit_blocks", "verify_failures", "insert_conflicts", "registered_blocks", "evicted_blocks",
-             "demoted_blocks", "promoted_blocks", "dropped_host_blocks"),
+             "demoted_blocks", "promoted_blocks", "dropped_host_blocks", "imported_blocks"),
             0,
         )  # fmt: skip
 
@@ -159,10 +172,7 @@ class PrefixCache:
         on_host = [entry for entry in chain if entry.block_id is None]
         if not on_host or self.tier is None:
             return chain
-        protect = {entry.serial for entry in chain}
-        if self.pool.num_free - reserved < len(on_host):
-            self.evict(len(on_host) - self.pool.num_free + reserved, protect)
-        promoted = on_host[: max(0, self.pool.num_free - reserved)]
+        promoted = on_host[: self._make_free(len(on_host), reserved, {entry.serial for entry in chain})]
         block_ids = self.pool.allocate(len(promoted))
         host_ids = [entry.host_id for entry in promoted if entry.host_id is not None]
         try:
@@ -181,13 +191,15 @@ class PrefixCache:
         return chain
 
     # ---------------------------------------------------------------------------------------------- register
-    def register(self, key: bytes, parent: int | None, tokens: tuple[int, ...], block_id: int) -> int | None:
+    def register(
+        self, key: bytes, parent: int | None, tokens: tuple[int, ...], block_id: int, from_tier: bool = False
+    ) -> int | None:
         """Cache device block `block_id` (full, written) under `key`; returns its serial, or None if refused.
 
         If a block with this key and the same tokens and parent is cached already, that one's serial comes back
         (the caller computed a duplicate, which stays private to it). A different block under the same key (a
         collision, or a block whose parent was evicted and cached anew) is replaced when nothing uses it, else
-        the new block is refused.
+        the new block is refused. A block `from_tier` (fetched, not computed) is not collected as new.
         """
         serial = self._index.get(key)
         if serial is not None:
@@ -204,7 +216,65 @@ class PrefixCache:
         self._index[key] = serial
         self._device_policy.insert(serial)
         self.counters["registered_blocks"] += 1
+        if self._new is not None and not from_tier:
+            self._new.append(serial)
         return serial
+
+    def contains(self, key: bytes) -> bool:
+        """Whether a block is cached under `key` (on the device or the host, verified or not)."""
+        return key in self._index
+
+    def take_new_blocks(self) -> list[CachedBlock]:
+        """The blocks registered (not inserted from a tier) since the last call that are still on the device, in
+        registration order (parents first); empty unless built with `collect_new`."""
+        if not self._new:
+            return []
+        serials, self._new = self._new, []
+        entries = (self._entries.get(serial) for serial in serials)
+        return [entry for entry in entries if entry is not None and entry.block_id is not None]
+
+    def room(self, reserved: int, protect: set[int] | frozenset[int] = frozenset()) -> int:
+        """Device blocks `insert_chain` could get: free beyond `reserved`, plus evictable ones not in `protect`."""
+        evictable = sum(
+            1
+            for entry in self._entries.values()
+            if entry.block_id is not None and entry.serial not in protect and self.pool.ref_count(entry.block_id) == 1
+        )
+        return max(0, self.pool.num_free - reserved + evictable)
+
+    def insert_chain(
+        self,
+        blocks: Sequence[tuple[bytes, tuple[int, ...], Sequence[torch.Tensor]]],
+        parent: CachedBlock | None,
+        reserved: int,
+        protect: set[int] | frozenset[int] = frozenset(),
+    ) -> list[CachedBlock]:
+        """Cache blocks fetched from a lower tier as a chain after `parent`; returns the entries made, leading ones.
+
+        blocks: `(key, token ids, tensors)` each, tensors in `BlockPool.export_blocks` order (decoded by
+        `kv_cache.tiers.codec.decode_block`). Room is made by evicting cached blocks outside `protect`, leaving
+        `reserved` blocks free; the chain is cut where room runs out or `register` refuses a key. The entries are
+        touched (most recent, the chain's first last) but not shared: the caller adopts them.
+        """
+        count = self._make_free(len(blocks), reserved, protect)
+        block_ids = self.pool.allocate(count)
+        try:
+            self.pool.import_blocks(block_ids, [tensors for _, _, tensors in blocks[:count]])
+            entries: list[CachedBlock] = []
+            previous = None if parent is None else parent.serial
+            for (key, tokens, _), block_id in zip(blocks, block_ids, strict=False):
+                if self._index.get(key) in protect:  # a colliding key: never replace a block being adopted
+                    break
+                serial = self.register(key, previous, tokens, block_id, from_tier=True)
+                if serial is None:
+                    break
+                entries.append(self._entries[serial])
+                previous = serial
+        finally:
+            self.pool.release(block_ids)  # the entries hold their blocks now; the rest go back
+        self.touch([entry.serial for entry in entries])
+        self.counters["imported_blocks"] += len(entries)
+        return entries
 
     def touch(self, serials: Sequence[int]) -> None:
         """Mark cached blocks used now, the last one first (a finished request's chain, tail evicted first)."""
@@ -262,6 +332,14 @@ class PrefixCache:
     def clear(self) -> int:
         """Evict every evictable device block, without demotion (OOM cleanup); returns the blocks freed."""
         return self.evict(len(self._device_policy), demote=False)
+
+    def _make_free(self, count: int, reserved: int, protect: set[int] | frozenset[int]) -> int:
+        """Evict cached blocks outside `protect` until `count` device blocks are free beyond `reserved`, or nothing
+        more can go; returns how many of the `count` are free."""
+        short = count - (self.pool.num_free - reserved)
+        if short > 0:
+            self.evict(short, protect)
+        return max(0, min(count, self.pool.num_free - reserved))
 
     def _drop_unused(self, entry: CachedBlock) -> bool:
         """Forget `entry` and free its storage if only the cache holds it; False if a sequence uses it."""

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from kv_cache import BlockFormat, BlockPool, CacheMemoryError, CacheStrategy, KVCacheConfig
+from kv_cache import BlockFormat, BlockPool, CacheMemoryError, CacheStrategy, CacheValidationError, KVCacheConfig
 from kv_cache.engine import EngineConfig, InvariantCheck, KVCacheEngine, SamplingParams
 from kv_cache.prefix_cache import PrefixCache, chain_hashes, root_hash
 from kv_cache.reference_model import encode, heldout_text, load_reference_model
@@ -73,15 +73,16 @@ def test_a_full_tier_refuses_before_copying() -> None:
     assert tier.num_free(fmt) == 2 and tier.stats()["blocks_to_cpu"] == 0
 
 
-def test_read_tokens_gives_hugging_face_layout() -> None:
-    fmt = FORMATS["fp32"]
-    pool = filled_pool(fmt, 4)
-    tier = CpuTier([fmt], [4], DEVICE)
-    host_ids = tier.store(pool, [2, 3])
-    keys, values = tier.read_tokens(fmt, host_ids, layer=1, count=6)
-    assert keys.shape == values.shape == (1, fmt.kv_heads, 6, fmt.head_dim)
-    expected = torch.cat([pool.dense(1).keys[2], pool.dense(1).keys[3][:2]]).transpose(0, 1)
-    assert torch.equal(keys[0].contiguous().view(torch.int32), expected.contiguous().view(torch.int32))  # NaN bits too
+def test_host_pools_are_pinned_only_with_cuda() -> None:
+    fmt = FORMATS["int4"]
+    tier = CpuTier([fmt], [2], DEVICE)
+    stats = tier.stats()
+    assert stats["pinned"] is False and "no CUDA device" in stats["pinned_reason"]
+    pool = BlockPool(fmt, 2, DEVICE, pin_memory=True)  # asked for, but page-locking needs CUDA
+    assert pool.pinned is torch.cuda.is_available()
+    assert all(t.is_pinned() is pool.pinned for t in pool.storage())
+    with pytest.raises(CacheValidationError, match="pin_memory=True is for host pools"):
+        BlockPool(fmt, 2, torch.device("meta"), pin_memory=True)
 
 
 def test_tier_size_from_mib_splits_by_pool_size() -> None:

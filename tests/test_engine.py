@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from kv_cache import CacheError, CacheMemoryError, CacheValidationError, KVCacheConfig
+from kv_cache import CacheError, CacheMemoryError, CacheValidationError, KVCacheConfig, KVStore
 from kv_cache.engine import (
     EngineConfig,
     FinishReason,
@@ -243,22 +243,66 @@ def test_persistent_oom_raises_a_clear_cache_memory_error(
     engine.check_invariants()  # rolled back: nothing half-written stays
 
 
-def test_requests_added_from_threads_while_stepping(model: PreTrainedModel) -> None:
+@pytest.mark.timeout(60)  # a deadlock fails here instead of hanging CI
+def test_requests_added_from_threads_while_another_thread_steps(model: PreTrainedModel) -> None:
+    batch = prompts(16, seed=12, longest=30, prefix="class Shared:\n")
+    sampling = SamplingParams(max_new_tokens=4)
+    expected = dict(zip(map(tuple, batch), make_engine(model).generate(batch, sampling), strict=True))
     engine = make_engine(model, max_num_seqs=8)
-    batch = prompts(16, seed=12, longest=30)
-    ids: list[int] = []
+    added: list[tuple[int, list[int]]] = []  # list.append is atomic
+    stop = threading.Event()
 
     def submit(part: list[list[int]]) -> None:
         for prompt in part:
-            ids.append(engine.add_request(prompt, SamplingParams(max_new_tokens=4)))
+            added.append((engine.add_request(prompt, sampling), prompt))
 
-    threads = [threading.Thread(target=submit, args=(batch[i::4],)) for i in range(4)]
-    for thread in threads:
+    def step() -> None:
+        while not stop.is_set() or engine.scheduler.has_work:
+            engine.step()  # invariants are checked after every step
+
+    stepper = threading.Thread(target=step)
+    stepper.start()
+    submitters = [threading.Thread(target=submit, args=(batch[i::4],)) for i in range(4)]
+    for thread in submitters:
         thread.start()
-    while any(t.is_alive() for t in threads) or engine.scheduler.has_work:
-        engine.step()
-        assert isinstance(engine.get_stats()["requests_waiting"], int)
-    assert len(ids) == 16 and all(len(engine.get_request(i).output_ids) == 4 for i in ids)
+    while any(thread.is_alive() for thread in submitters):
+        assert isinstance(engine.get_stats()["requests_waiting"], int)  # never blocks on a running step
+    stop.set()
+    stepper.join()
+    assert sorted(request_id for request_id, _ in added) == list(range(16))
+    assert all(engine.get_request(i).output_ids == expected[tuple(p)] for i, p in added)
+    engine.check_invariants()
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "int4"])
+def test_the_append_plan_is_exactly_what_append_needs(quantized: bool) -> None:
+    """`KVStore.blocks_needed_for_append` (what `MemoryManager.append_needs` asks): with exactly that many blocks
+    free an append of every layer succeeds, with one fewer it is refused before anything changes."""
+    settings = {"use_quantization": True, "quantization_bits": 4, "residual_tokens": 16,
+                "quantization_group_size": 32} if quantized else {}  # fmt: skip
+    store = KVStore(KVCacheConfig(num_blocks=48, block_size=8, max_tokens=512, device="cpu", **settings), 2)  # type: ignore[arg-type]
+    store.initialize(kv_heads=2, head_dim=32, dtype=torch.float32, device=torch.device("cpu"), batch_size=3)
+    pools = [pool for pool in (store.pool, store.quantized_pool) if pool is not None]
+    rng = random.Random(3)
+    seq = store.add_sequence()
+    for _ in range(25):
+        count = rng.randint(1, 20)
+        needs = store.blocks_needed_for_append(seq, count)
+        for short in (1, 0):
+            if short and not any(needs):
+                continue
+            wanted = zip(pools, needs, strict=False)  # (dense, sealed): no sealed pool without quantization
+            hogs = [pool.allocate(pool.num_free - need + (short if need else 0)) for pool, need in wanted]
+            states, before = torch.randn(2, 1, 2, count, 32), store.num_tokens(seq)
+            try:
+                for layer in range(2):
+                    store.append([seq], layer, states[0], states[1])
+                assert not short, f"{count} tokens fitted in {needs} blocks minus one"
+            except CacheMemoryError:
+                assert short and store.num_tokens(seq) == before  # refused by layer 0, nothing changed
+            for pool, hog in zip(pools, hogs, strict=True):
+                pool.release(hog)
+    store.check_invariants()
 
 
 def test_the_idle_check_names_a_leaked_block(model: PreTrainedModel) -> None:

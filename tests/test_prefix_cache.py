@@ -140,6 +140,28 @@ def test_a_different_block_under_a_used_key_is_refused() -> None:
     assert pool.ref_count(first) == 0 and cache.counters["insert_conflicts"] == 1
 
 
+def test_insert_chain_caches_fetched_blocks_within_room_and_never_collects_them() -> None:
+    pool = BlockPool(FORMAT, 4, torch.device("cpu"))
+    cache = PrefixCache(pool, CacheStrategy.LRU, root_hash("ns", "model", FORMAT), collect_new=True)
+    tokens = list(range(16))
+    keys = chain_hashes_of(cache.root, tokens)
+    (held,) = pool.allocate(1)
+    first = cache.register(keys[0], None, tuple(tokens[:4]), held)
+    assert [e.serial for e in cache.take_new_blocks()] == [first] and cache.take_new_blocks() == []
+    fetched = [pool.export_blocks([held])[0] for _ in range(3)]
+    for index, tensors in enumerate(fetched):
+        tensors[0].fill_(index + 1.0)
+    blocks = [(keys[i + 1], tuple(tokens[4 * (i + 1) : 4 * (i + 2)]), fetched[i]) for i in range(3)]
+    assert cache.room(reserved=1, protect={first}) == 2  # 3 free, 1 promised elsewhere; the parent is protected
+    entries = cache.insert_chain(blocks, cache.lookup(keys, tokens, 1)[0], reserved=1, protect={first})
+    assert len(entries) == 2 and entries[0].parent == first and entries[1].parent == entries[0].serial
+    assert [pool.dense(0).keys[e.block_id].flatten()[0].item() for e in entries if e.block_id is not None] == [1, 2]
+    assert pool.num_free == 1 and cache.take_new_blocks() == []  # fetched blocks are never written back
+    pool.release([held])
+    assert [e.serial for e in cache.lookup(keys, [*tokens, 0], 4)] == [first, *(e.serial for e in entries)]
+    assert cache.counters["imported_blocks"] == 2 and cache.check_invariants() == []
+
+
 # ------------------------------------------------------------------------------------------ through the engine
 def test_prefix_caching_on_and_off_give_identical_tokens(model: PreTrainedModel) -> None:
     batch, sampling = shared_prompts(), SamplingParams(max_new_tokens=12)

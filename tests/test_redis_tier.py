@@ -170,6 +170,17 @@ def test_get_chain_stops_at_the_first_hole_or_invalid_value(redis_server: RedisS
     assert tier.stats()["faults_invalid"] == 1
 
 
+def test_get_chain_starts_no_lookup_after_its_deadline(redis_server: RedisServer, make_tier: MakeTier) -> None:
+    tier = make_tier(redis_server.url, read_batch_bytes=3 * len(encoded(0)))
+    hashes = put_chain(tier, 8)
+    tier.get_many(hashes[:1])  # three values per lookup from now on
+    assert len(tier.get_chain(hashes, deadline=time.perf_counter() - 1)) == 3  # the first lookup still runs
+    assert len(tier.get_chain(hashes, deadline=time.perf_counter() + 60)) == 8
+    assert tier.is_available()
+    tier.close()
+    assert not tier.is_available()
+
+
 @pytest.mark.parametrize("damage", ["flipped", "truncated", "other_tokens", "other_format", "garbage", "empty"])
 def test_damaged_values_are_counted_misses(redis_server: RedisServer, make_tier: MakeTier, damage: str) -> None:
     tier = make_tier(redis_server.url)

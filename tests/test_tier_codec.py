@@ -1,7 +1,7 @@
 """`kv_cache.tiers.codec`: every block format round-trips bit-exactly; every damaged or foreign value decodes to None.
 
-The pool side is written here as the behaviour `BlockPool.export_block` / `import_block` must have: a block's
-tensors are `layer.tensors()` of each layer indexed at the block id, in order, and importing copies them back.
+The pool side is `BlockPool.export_blocks` / `import_blocks`: a block's tensors are `layer.tensors()` of each layer
+indexed at the block id, in order, and importing copies them back.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kv_cache.block_format import BlockFormat, DenseBlocks, LayerBlocks
+from kv_cache.block_format import BlockFormat, DenseBlocks
+from kv_cache.block_pool import BlockPool
 from kv_cache.errors import CacheValidationError
 from kv_cache.tiers.codec import (
     HEADER,
@@ -42,25 +43,17 @@ FORMATS = {**DENSE, **QUANTIZED}
 SMALL = BlockFormat(4, 2, 2, 8, torch.bfloat16)
 
 
-def export_block(layers: list[LayerBlocks], block_id: int) -> list[torch.Tensor]:
-    """What `BlockPool.export_block(block_id)` returns: each layer's `tensors()` at `block_id`, in order."""
-    return [tensor[block_id].clone() for layer in layers for tensor in layer.tensors()]
+def export_block(pool: BlockPool, block_id: int) -> list[torch.Tensor]:
+    return pool.export_blocks([block_id])[0]
 
 
-def import_block(layers: list[LayerBlocks], block_id: int, tensors: list[torch.Tensor]) -> None:
-    """What `BlockPool.import_block(block_id, tensors)` does: copy `export_block`'s tensors into `block_id`."""
-    targets = [tensor for layer in layers for tensor in layer.tensors()]
-    for target, source in zip(targets, tensors, strict=True):
-        target[block_id].copy_(source)
-
-
-def filled_pool(block_format: BlockFormat, num_blocks: int, seed: int) -> list[LayerBlocks]:
-    """Storage for `num_blocks` blocks holding random keys/values (quantized formats through their encoder)."""
+def filled_pool(block_format: BlockFormat, num_blocks: int, seed: int) -> BlockPool:
+    """A pool of `num_blocks` blocks holding random keys/values (quantized formats through their encoder)."""
     generator = torch.Generator().manual_seed(seed)
     fmt = block_format
-    layers = fmt.allocate(num_blocks, CPU)
+    pool = BlockPool(fmt, num_blocks, CPU)
     shape = (num_blocks, fmt.block_size, fmt.kv_heads, fmt.head_dim)
-    for layer in layers:
+    for layer in pool.layers:
         keys = torch.randn(shape, generator=generator) * 3
         values = torch.randn(shape, generator=generator)
         if isinstance(layer, DenseBlocks):
@@ -69,7 +62,7 @@ def filled_pool(block_format: BlockFormat, num_blocks: int, seed: int) -> list[L
             layer.keys.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -0.0])  # raw bit patterns survive
         else:
             layer.store(torch.arange(num_blocks), layer.encode(keys, values))
-    return layers
+    return pool
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -90,17 +83,17 @@ def value_of(block_format: BlockFormat) -> bytes:
 @pytest.mark.parametrize("name", FORMATS)
 def test_round_trip_through_the_pool_is_bit_exact(name: str) -> None:
     fmt = FORMATS[name]
-    source, target = filled_pool(fmt, 3, seed=1), fmt.allocate(4, CPU)
+    source, target = filled_pool(fmt, 3, seed=1), BlockPool(fmt, 4, CPU)
     value = encode_block(fmt, export_block(source, 1), tokens(fmt, 7))
     assert value[:4] == MAGIC and len(value) == HEADER.size + fmt.bytes_per_block  # compact: header + raw bytes
 
     decoded = decode_block(value, fmt, tokens(fmt, 7))
     assert decoded is not None
-    import_block(target, 2, decoded)
+    target.import_blocks([2], [decoded])
     for got, want in zip(export_block(target, 2), export_block(source, 1), strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape
         assert torch.equal(bits(got), bits(want))
-    for layer_source, layer_target in zip(source, target, strict=True):  # the pool reads the same K/V back
+    for layer_source, layer_target in zip(source.layers, target.layers, strict=True):  # the pool reads K/V back
         for got, want in zip(layer_target.read(torch.tensor([2])), layer_source.read(torch.tensor([1])), strict=True):
             assert torch.equal(bits(got), bits(want))
 

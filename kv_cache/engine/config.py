@@ -1,18 +1,24 @@
-"""`EngineConfig`: the knobs of `KVCacheEngine` (scheduling, prefix caching, preemption, CPU tier), validated.
+"""`EngineConfig`: the knobs of `KVCacheEngine` (scheduling, prefix caching, preemption, CPU and Redis tiers).
 
 The cache itself (block size, pool size, dtype, quantization, eviction strategy) stays in `KVCacheConfig`; this
 dataclass holds only what the engine adds on top. Every field is checked in `__post_init__`; a bad value raises
-`CacheValidationError` naming the field, the value and what is allowed.
+`CacheValidationError` naming the field, the value and what is allowed. The Redis fields are checked by
+`kv_cache.tiers.redis.RedisTierConfig`'s rules (so they need the `redis` extra once `redis_url` is set), and the
+repr masks the password of `redis_url`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kv_cache.errors import CacheValidationError
+
+if TYPE_CHECKING:  # needs the `redis` extra: imported when a redis_url is set
+    from kv_cache.tiers.redis import RedisTierConfig
 
 
 class PreemptionMode(str, Enum):
@@ -45,7 +51,7 @@ def _check_int(name: str, value: Any, low: int) -> None:
         raise CacheValidationError(f"{name}={value!r} must be an int >= {low}")
 
 
-@dataclass
+@dataclass(repr=False)
 class EngineConfig:
     """Configuration of `KVCacheEngine`.
 
@@ -67,6 +73,14 @@ class EngineConfig:
             never share blocks.
         invariant_check: `IDLE` verifies block conservation whenever the engine has no request left; tests use
             `EVERY_STEP`.
+        redis_url: share prefix blocks with other engine processes through Redis (`redis://[[user]:password@]host
+            :port/db`, `rediss://` for TLS, `unix://`); lookups go device pool -> CPU tier -> Redis, new blocks are
+            written down in the background. Needs prefix caching and the `redis` extra. None: no Redis tier.
+        redis_namespace: the key namespace (`kvc:{namespace}:...`): deployments sharing one server never read
+            each other's blocks. 1-128 characters of `A-Z a-z 0-9 . _ -`.
+        redis_ttl_s: expire each block this many seconds after its write; None leaves eviction to the server's
+            maxmemory policy (`allkeys-lru` is the intended global policy).
+        redis_max_value_bytes: blocks encoded larger than this are not written (nor read back).
     """
 
     enable_prefix_caching: bool = True
@@ -78,6 +92,10 @@ class EngineConfig:
     oom_retries: int = 3
     namespace: str = "default"
     invariant_check: InvariantCheck = InvariantCheck.IDLE
+    redis_url: str | None = None
+    redis_namespace: str = "default"
+    redis_ttl_s: float | None = None
+    redis_max_value_bytes: int = 16 * 2**20
 
     def __post_init__(self) -> None:
         if not isinstance(self.enable_prefix_caching, bool):
@@ -106,6 +124,35 @@ class EngineConfig:
                 "preemption_mode='swap' needs a CPU tier to swap to: set cpu_tier_blocks or cpu_tier_mb, "
                 "or use preemption_mode='recompute'"
             )
+        if self.redis_url is not None:
+            if not self.enable_prefix_caching:
+                raise CacheValidationError("redis_url needs enable_prefix_caching=True (Redis holds prefix blocks)")
+            self.redis_tier_config("validation")
+
+    def redis_tier_config(self, fingerprint: str) -> RedisTierConfig:
+        """The Redis tier's settings for blocks of `fingerprint` (the engine passes its prefix root's hex digest).
+
+        Raises `CacheValidationError` naming the `redis_*` field at fault, and `ImportError` without redis-py.
+        """
+        from kv_cache.tiers.redis import RedisTierConfig
+
+        if self.redis_url is None:
+            raise CacheValidationError("redis_url is not set: this engine has no Redis tier")
+        try:
+            return RedisTierConfig(
+                url=self.redis_url, namespace=self.redis_namespace, fingerprint=fingerprint,
+                ttl_s=self.redis_ttl_s, max_value_bytes=self.redis_max_value_bytes,
+            )  # fmt: skip
+        except CacheValidationError as error:  # its messages start with its own field name
+            raise CacheValidationError(f"redis_{error}") from None
+
+    def __repr__(self) -> str:
+        shown = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        if self.redis_url is not None:
+            from kv_cache.tiers.redis import mask_url
+
+            shown["redis_url"] = mask_url(self.redis_url)
+        return f"EngineConfig({', '.join(f'{name}={value!r}' for name, value in shown.items())})"
 
     @property
     def swaps_on_preemption(self) -> bool:

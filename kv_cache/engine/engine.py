@@ -12,6 +12,11 @@ requests' blocks at once. The model attends through `kv_cache.hf_attention`'s pa
 blocks directly: **the constructor registers it and switches the model to it** (`register_attention()` then
 `model.set_attn_implementation(...)`); switch back with `model.set_attn_implementation("sdpa")` when done.
 
+With `EngineConfig.redis_url` the prefix cache continues in Redis (`kv_cache.tiers.remote`): blocks missing
+locally are fetched when that beats recomputing them (the engine times its prefill forwards for the estimate,
+after a short calibration at construction), and blocks it computes are written down after each step. A Redis that
+is down, slow or returns garbage costs misses, never errors or different tokens; `close()` releases it.
+
 Threads: `add_request` may be called from any thread while another steps; `step`, `stream`, `abort` serialise on
 the engine's lock; `get_stats` never waits for a step (it returns the last step's snapshot while one runs).
 """
@@ -19,30 +24,31 @@ the engine's lock; `get_stats` never waits for a step (it returns the last step'
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel
 
 from kv_cache.config import KVCacheConfig
+from kv_cache.engine.components import initialized_store, make_prefix_cache, make_remote, make_tier
 from kv_cache.engine.config import EngineConfig, InvariantCheck
 from kv_cache.engine.invariants import check_engine
 from kv_cache.engine.request import FinishReason, Request, RequestStatus, SamplingParams
 from kv_cache.engine.scheduler import Scheduler
 from kv_cache.errors import CacheError, CacheMemoryError, CacheValidationError
 from kv_cache.hf_attention import register_attention
-from kv_cache.hf_cache import KVCache, attention_layer_types
-from kv_cache.kv_store import KVStore
+from kv_cache.hf_cache import KVCache
 from kv_cache.memory_manager import MemoryManager
-from kv_cache.prefix_cache import PrefixCache, model_fingerprint, root_hash
 
 if TYPE_CHECKING:
     from kv_cache.metrics import MetricsServer
 from kv_cache.stats import CacheStatsTracker, store_gauges
-from kv_cache.tiers.cpu import CpuTier, host_blocks_per_format
+from kv_cache.tiers.remote import FetchCost
 
 RETAINED_REQUESTS = 1024  # finished requests kept for `get_request`/`request_stats`/`stream`, the newest first
 
@@ -54,7 +60,8 @@ class KVCacheEngine:
         model: a Hugging Face causal LM (decoder layers of full or sliding attention), in eval mode.
         config: the cache: block size, pool size (`num_blocks` or `memory_budget_mb`; by default room for
             `max_num_seqs` sequences of `max_tokens`), dtype, quantization, and the prefix-cache eviction strategy.
-        engine_config: scheduling, prefix caching, preemption and CPU tier settings (`EngineConfig()` if None).
+        engine_config: scheduling, prefix caching, preemption, CPU and Redis tier settings (`EngineConfig()` if
+            None).
     """
 
     def __init__(
@@ -73,17 +80,22 @@ class KVCacheEngine:
                 "unset them, or use KVCache with model.generate"
             )
         model.set_attn_implementation(register_attention())
-        self.store = _initialized_store(model, config, engine_config.max_num_seqs)
+        self.store = initialized_store(model, config, engine_config.max_num_seqs)
         self._cache = KVCache(model_config=model.config, store=self.store)
-        self.tier = _make_tier(self.store, engine_config)
-        self.prefix_cache = _make_prefix_cache(model, config, engine_config, self.store, self.tier)
-        self.memory = MemoryManager(engine_config, self.device, self.store, self.prefix_cache, self.tier)
+        self.tier = make_tier(self.store, engine_config)
+        self.prefix_cache = make_prefix_cache(model, config, engine_config, self.store, self.tier)
+        self.remote = make_remote(engine_config, self.prefix_cache)
+        tiers = (self.tier, self.remote)
+        self.memory = MemoryManager(engine_config, self.device, self.store, self.prefix_cache, tiers)
         self.tracker = CacheStatsTracker(config.history_size, config.snapshot_interval_s)
         self.scheduler = Scheduler(engine_config, self.memory, self.tracker)
         self._requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self._lock = threading.RLock()
+        self._admission = threading.Lock()  # ids are handed out in the order requests join the queue
         self._snapshot: dict[str, Any] = {}
+        if self.remote is not None:
+            self._calibrate(self.remote.cost)
 
     # ------------------------------------------------------------------------------------------------ API
     def add_request(self, prompt_ids: Sequence[int] | torch.Tensor, sampling: SamplingParams | None = None) -> int:
@@ -93,10 +105,17 @@ class KVCacheEngine:
         `stream` raises `CacheMemoryError` and `get_request(...).error` says what to change.
         """
         prompt = _token_list(prompt_ids)
-        request_id = next(self._ids)
-        request = Request(request_id, prompt, sampling or SamplingParams(), arrival=request_id)
-        request.arrival_time = time.perf_counter()
-        self._requests[request_id] = request
+        with self._admission:
+            request_id = next(self._ids)
+            request = Request(request_id, prompt, sampling or SamplingParams(), arrival=request_id)
+            request.arrival_time = time.perf_counter()
+            self._requests[request_id] = request
+            self._enqueue(request)
+        return request_id
+
+    def _enqueue(self, request: Request) -> None:
+        """Queue a new request, or fail it at once if it can never fit."""
+        prompt, request_id = request.prompt_ids, request.request_id
         total = len(prompt) + request.sampling.max_new_tokens
         if total > self.config.max_tokens:
             error = CacheMemoryError(
@@ -109,15 +128,31 @@ class KVCacheEngine:
             request.finish(RequestStatus.FAILED, FinishReason.ERROR, error)
         else:
             self.scheduler.add(request)
-        return request_id
 
     def step(self) -> list[tuple[int, int]]:
         """Run one scheduling step; returns `(request id, new token)` for every token generated in it."""
         with self._lock:
             outputs: list[tuple[int, int]] = []
             self.memory.run_with_oom_retry(lambda: self._step_once(outputs), self._rollback)
+            if self.remote is not None:  # after the step's tokens are out: never on a request's first token
+                self.remote.write_down()
             self._after_step()
             return outputs
+
+    def close(self) -> None:
+        """Release the Redis tier (pending writes get a bounded time; its thread and connections end). The
+        engine goes on serving from its local tiers."""
+        with self._lock:
+            if self.remote is not None:
+                self.remote.close()
+
+    def __enter__(self) -> KVCacheEngine:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
 
     def generate(
         self, prompts: Sequence[Sequence[int] | torch.Tensor], sampling: SamplingParams | None = None
@@ -229,15 +264,11 @@ class KVCacheEngine:
     def _forward(self, requests: list[Request], count: int, outputs: list[tuple[int, int]]) -> None:
         """Compute `count` pending tokens of each request in one forward; sample where all are computed."""
         ids = [r.tokens[r.num_computed : r.num_computed + count] for r in requests]
-        starts = torch.tensor([[r.num_computed] for r in requests], device=self.device)
-        self._cache.seq_ids = [r.seq_id for r in requests if r.seq_id is not None]
-        logits = self.model(
-            input_ids=torch.tensor(ids, device=self.device),
-            position_ids=starts + torch.arange(count, device=self.device),
-            past_key_values=self._cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
+        seq_ids = [r.seq_id for r in requests if r.seq_id is not None]
+        start = time.perf_counter()
+        logits = self._run_model(seq_ids, ids, [r.num_computed for r in requests])
+        if self.remote is not None and count > 1:  # a prefill: what a Redis hit must beat
+            self.remote.cost.record_prefill(count * len(requests), self._seconds_since(start))
         for request, row in zip(requests, logits, strict=True):
             request.num_computed += count
             self.memory.register_blocks(request)
@@ -252,6 +283,46 @@ class KVCacheEngine:
                 self.scheduler.remove(request)
                 self.memory.free(request)
                 self.tracker.increment("finished_requests")
+
+    def _run_model(self, seq_ids: list[int], ids: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Logits `[batch, vocab]` after the last of `ids[i]` (equal counts of new tokens per row), appended to
+        sequence `seq_ids[i]` from position `starts[i]`."""
+        count = len(ids[0])
+        positions = torch.tensor([[start] for start in starts], device=self.device)
+        self._cache.seq_ids = seq_ids
+        return self.model(
+            input_ids=torch.tensor(ids, device=self.device),
+            position_ids=positions + torch.arange(count, device=self.device),
+            past_key_values=self._cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+
+    def _seconds_since(self, start: float) -> float:
+        """Seconds from `start` (`time.perf_counter()`) until the device finished what was queued."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
+    @torch.no_grad()
+    def _calibrate(self, cost: FetchCost) -> None:
+        """Seed the recompute estimate: prefill forwards of one and of eight blocks on a scratch sequence, each the
+        best of three after a warm-up (the fastest run is the least disturbed by other work on the machine). A pool
+        too small for them leaves it unmeasured (Redis then waits for a measurement)."""
+        sizes = (self.store.block_size, 8 * self.store.block_size)
+        best = dict.fromkeys(sizes, math.inf)
+        for index, tokens in enumerate((sizes[0], *sizes * 3)):
+            seq_id = self.store.add_sequence()
+            try:
+                start = time.perf_counter()
+                self._run_model([seq_id], [[0] * tokens], [0])
+                if index:  # the first run warms up
+                    best[tokens] = min(best[tokens], self._seconds_since(start))
+            except CacheMemoryError:
+                return
+            finally:
+                self.store.free(seq_id)
+        cost.calibrate((sizes[0], best[sizes[0]]), (sizes[1], best[sizes[1]]))
 
     def _rollback(self) -> None:
         """After an OOM mid-step: cut each running sequence back to the tokens its request counts as computed."""
@@ -287,6 +358,7 @@ class KVCacheEngine:
         }
         stats["prefix_cache"] = self.prefix_cache.stats() if self.prefix_cache is not None else {}
         stats["cpu_tier"] = self.tier.stats() if self.tier is not None else {}
+        stats["redis"] = self.remote.stats() if self.remote is not None else {}
         return stats
 
 
@@ -302,35 +374,3 @@ def _token_list(prompt_ids: Sequence[int] | torch.Tensor) -> list[int]:
     if not tokens or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in tokens):
         raise CacheValidationError("prompt_ids must be a non-empty sequence of token ids (ints >= 0)")
     return tokens
-
-
-def _initialized_store(model: PreTrainedModel, config: KVCacheConfig, max_num_seqs: int) -> KVStore:
-    """A store for the model's decoder layers, its pools allocated now (sized for `max_num_seqs` by default)."""
-    text = model.config.get_text_config(decoder=True)
-    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    parameter = next(model.parameters())
-    store = KVStore(config, len(attention_layer_types(model.config)))
-    store.initialize(kv_heads, head_dim, parameter.dtype, parameter.device, max_num_seqs)
-    return store
-
-
-def _make_prefix_cache(
-    model: PreTrainedModel, config: KVCacheConfig, engine_config: EngineConfig, store: KVStore, tier: CpuTier | None
-) -> PrefixCache | None:
-    """The prefix cache over the store's shareable pool (the sealed one when quantized), or None when off."""
-    pool = store.quantized_pool or store.pool
-    if not engine_config.enable_prefix_caching or pool is None:
-        return None
-    fingerprint = model_fingerprint(model.config, next(model.parameters()).dtype)
-    root = root_hash(engine_config.namespace, fingerprint, pool.block_format)
-    return PrefixCache(pool, config.cache_strategy, root, tier)
-
-
-def _make_tier(store: KVStore, config: EngineConfig) -> CpuTier | None:
-    """The CPU tier the config asks for (one host pool per store pool), or None."""
-    if not config.has_cpu_tier:
-        return None
-    pools = [pool for pool in (store.pool, store.quantized_pool) if pool is not None]
-    counts = host_blocks_per_format(pools, config.cpu_tier_blocks, config.cpu_tier_mb)
-    return CpuTier([pool.block_format for pool in pools], counts, pools[0].device)

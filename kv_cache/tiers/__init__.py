@@ -6,6 +6,7 @@
 | `codec` | `encode_block` / `decode_block`: one block, all layers, as header + raw bytes; a bad value decodes to None |
 | `cpu` | `CpuTier`: host pools mirroring the device formats (swap and demoted prefix blocks) |
 | `redis` | `RedisTier`, `RedisTierConfig`, `redis_key`: needs the `redis` extra, so import `kv_cache.tiers.redis` |
+| `remote` | `RemoteLink`: the prefix cache's remote level (fetch, write-down); `FetchCost`: fetch vs recompute |
 
 The lookup order is GPU pool -> CPU tier -> Redis; a tier that fails answers misses, never wrong data.
 """

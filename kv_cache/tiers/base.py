@@ -69,25 +69,39 @@ class Tier(ABC):
         """
         return True
 
+    def is_available(self) -> bool:
+        """Whether the store is worth asking now (False while a remote tier's breaker is open, or after `close`)."""
+        return True
+
     def chain_batch(self) -> int:
         """Keys per lookup in `get_chain`; it stops at the first miss, so smaller lookups waste less after a hole."""
         return 16
 
     @overload
-    def get_chain(self, keys: Sequence[bytes]) -> list[bytes]: ...
+    def get_chain(self, keys: Sequence[bytes], *, deadline: float | None = None) -> list[bytes]: ...
 
     @overload
-    def get_chain(self, keys: Sequence[bytes], decode: Callable[[int, bytes], T | None]) -> list[T]: ...
+    def get_chain(
+        self, keys: Sequence[bytes], decode: Callable[[int, bytes], T | None], deadline: float | None = None
+    ) -> list[T]: ...
 
-    def get_chain(self, keys: Sequence[bytes], decode: Callable[[int, bytes], Any] | None = None) -> list[Any]:
+    def get_chain(
+        self,
+        keys: Sequence[bytes],
+        decode: Callable[[int, bytes], Any] | None = None,
+        deadline: float | None = None,
+    ) -> list[Any]:
         """The leading run of hits of a chain of block hashes `keys` (parent first), `chain_batch()` keys a lookup.
 
         With `decode(index, value)`, returns the decoded blocks instead and also stops at the first value that
         decodes to None, counting it with `record_invalid` (e.g. `decode_block` with the chain's token ids).
+        With `deadline` (a `time.perf_counter()` value), no lookup starts after it: the run found so far returns.
         """
         run: list[Any] = []
         batch = self.chain_batch()
         for start in range(0, len(keys), batch):
+            if start and deadline is not None and time.perf_counter() > deadline:
+                return run
             values = self.get_many(keys[start : start + batch])
             for offset, value in enumerate(values):
                 if value is None:

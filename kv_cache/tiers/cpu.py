@@ -27,16 +27,9 @@ from typing import Any
 
 import torch
 
-from kv_cache.block_format import BlockFormat, DenseBlocks, LayerBlocks, QuantizedBlocks
+from kv_cache.block_format import BlockFormat
 from kv_cache.block_pool import BlockPool
 from kv_cache.errors import CacheMemoryError, CacheValidationError
-
-
-def _pinned(layer: LayerBlocks) -> LayerBlocks:
-    """The same layer storage in page-locked host memory (so device copies can run asynchronously)."""
-    if isinstance(layer, DenseBlocks):
-        return DenseBlocks(layer.keys.pin_memory(), layer.values.pin_memory())
-    return QuantizedBlocks(layer.bits, layer.group_size, *(tensor.pin_memory() for tensor in layer.tensors()))
 
 
 def _runs(ids: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -49,11 +42,6 @@ def _runs(ids: Sequence[int]) -> list[tuple[int, int, int]]:
         else:
             runs.append((block_id, 1, offset))
     return runs
-
-
-def _tensors(pool: BlockPool) -> list[torch.Tensor]:
-    """Every storage tensor of a pool, `[num_blocks, ...]`, in the same order for any pool of the format."""
-    return [tensor for layer in pool.layers for tensor in layer.tensors()]
 
 
 class CpuTier:
@@ -71,12 +59,10 @@ class CpuTier:
         self.device = device
         self.pinned = device.type == "cuda"
         self._stream = torch.cuda.Stream(device) if self.pinned else None
-        self._pools: dict[BlockFormat, BlockPool] = {}
-        for fmt, count in zip(formats, num_blocks, strict=True):
-            pool = BlockPool(fmt, count, torch.device("cpu"), capacity_hint="cpu_tier_blocks (or cpu_tier_mb)")
-            if self.pinned:
-                pool.layers = [_pinned(layer) for layer in pool.layers]
-            self._pools[fmt] = pool
+        self._pools = {
+            fmt: BlockPool(fmt, count, torch.device("cpu"), "cpu_tier_blocks (or cpu_tier_mb)", pin_memory=self.pinned)
+            for fmt, count in zip(formats, num_blocks, strict=True)
+        }
         self.counters = {"blocks_to_cpu": 0, "blocks_to_device": 0, "bytes_to_cpu": 0, "bytes_to_device": 0}
 
     def host_pool(self, fmt: BlockFormat) -> BlockPool:
@@ -99,7 +85,7 @@ class CpuTier:
         try:
             with self._side_stream():
                 index = torch.tensor(list(block_ids), dtype=torch.long, device=pool.device)
-                for source, target in zip(_tensors(pool), _tensors(host), strict=True):
+                for source, target in zip(pool.storage(), host.storage(), strict=True):
                     gathered = source.index_select(0, index)
                     for first, length, offset in _runs(host_ids):
                         target[first : first + length].copy_(gathered[offset : offset + length], non_blocking=True)
@@ -122,7 +108,7 @@ class CpuTier:
         pairs = sorted(zip(host_ids, block_ids, strict=True))
         with self._side_stream():
             index = torch.tensor([block for _, block in pairs], dtype=torch.long, device=pool.device)
-            for source, target in zip(_tensors(host), _tensors(pool), strict=True):
+            for source, target in zip(host.storage(), pool.storage(), strict=True):
                 staged = torch.empty((len(pairs), *source.shape[1:]), dtype=source.dtype, device=pool.device)
                 for first, length, offset in _runs([host_id for host_id, _ in pairs]):
                     staged[offset : offset + length].copy_(source[first : first + length], non_blocking=True)
@@ -132,24 +118,6 @@ class CpuTier:
     def free(self, fmt: BlockFormat, host_ids: Sequence[int]) -> None:
         """Release host blocks (the holder no longer needs its copy)."""
         self.host_pool(fmt).release(host_ids)
-
-    def read_tokens(
-        self, fmt: BlockFormat, host_ids: Sequence[int], layer: int, count: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `count` tokens of full-precision host blocks `host_ids` in `layer`, on the device.
-
-        Returns keys and values `[1, kv_heads, count, head_dim]` in the block dtype (Hugging Face's layout, what
-        `KVStore.append` takes).
-        """
-        if self._stream is not None:
-            self._stream.synchronize()  # the host reads these bytes itself: earlier copies into them must be done
-        dense = self.host_pool(fmt).dense(layer)
-        index = torch.tensor(list(host_ids), dtype=torch.long)
-        out = []
-        for storage in (dense.keys, dense.values):
-            tokens = storage.index_select(0, index).flatten(0, 1)[:count]  # [count, kv_heads, head_dim]
-            out.append(tokens.to(self.device).transpose(0, 1).unsqueeze(0))
-        return out[0], out[1]
 
     def check_invariants(self, holders: dict[BlockFormat, list[list[int]]]) -> None:
         """Raise `CacheError` unless each host pool's reference counts equal its holders' (format -> id lists)."""

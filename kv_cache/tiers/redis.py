@@ -219,7 +219,7 @@ class RedisTier(Tier):
         names = [self._prefix + _hash_hex(key) for key in keys]
         if not names:
             return []
-        if self._breaker.is_open or self._closed:
+        if not self.is_available():
             self._count(skipped_reads=len(names))
             return [None] * len(names)
         start = time.perf_counter()
@@ -275,6 +275,10 @@ class RedisTier(Tier):
                 self._queue_bytes += len(value)
             self._cond.notify()
         self._count(dropped_queue_full=dropped)
+
+    def is_available(self) -> bool:
+        """False while the breaker is open (reads answer misses, writes are dropped) or after `close`."""
+        return not (self._breaker.is_open or self._closed)
 
     def chain_batch(self) -> int:
         """Keys per MGET in `get_chain`: as many values of the average size read so far as fit in
