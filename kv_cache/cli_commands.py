@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from kv_cache import plots
 from kv_cache.block_format import BlockFormat
 from kv_cache.config import CacheStrategy, KVCacheConfig
 from kv_cache.fidelity import QUICK_PLAN, FidelityPlan, FidelityRow, default_configs, evaluate, format_table
@@ -25,11 +27,42 @@ DEMO_PROMPT_BYTES = 1200
 DEMO_NEW_TOKENS = 160
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1 (argparse reports anything else as a usage error, exit code 2)."""
+    return _bounded(text, int, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an int >= 0."""
+    return _bounded(text, int, 0)
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    value = _bounded(text, float, 0)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number > 0")
+    return value
+
+
+def _bounded(text: str, kind: type, low: float) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < low:
+        what = "an int" if kind is int else "a finite number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what} >= {low:g}")
+    return value
+
+
 def add_cache_options(parser: argparse.ArgumentParser) -> None:
     """Flags that build a `KVCacheConfig` (see `config_from_args`)."""
     group = parser.add_argument_group("cache")
     group.add_argument("--bits", type=int, choices=(0, 2, 4, 8), default=0, help="quantize at 2/4/8 bits; 0: off")
-    group.add_argument("--residual-tokens", type=int, default=64, help="newest tokens kept in full precision")
+    group.add_argument(
+        "--residual-tokens", type=non_negative_int, default=64, help="newest tokens kept in full precision"
+    )
     group.add_argument("--block-size", type=int, default=None, help="tokens per block (default 16, 64 quantized)")
     group.add_argument("--max-tokens", type=int, default=4096, help="tokens one sequence may hold")
     group.add_argument("--token-budget", type=int, default=None, help="evict down to this many tokens per layer")
@@ -127,25 +160,13 @@ def _print_demo(prompt: torch.Tensor, runs: dict[str, dict[str, Any]], agreement
 
 
 def _plot_memory(runs: dict[str, dict[str, Any]], path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    """Memory in use against tokens seen, one line per run (None and a note when matplotlib is missing)."""
+    if plots.pyplot() is None:
         console.print("matplotlib is not installed (pip install 'kv-cache-engine[plots]'): no plot written")
         return None
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for name, run in runs.items():
-        seen, mib = zip(*run["memory_curve"], strict=True)
-        axis.plot(seen, mib, label=name)
-    axis.set_xlabel("tokens in the sequence")
-    axis.set_ylabel("KV blocks in use (MiB)")
-    axis.legend()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    curves = {name: plots.columns(run["memory_curve"]) for name, run in runs.items()}
+    axes = ("tokens in the sequence", "KV blocks in use (MiB)")
+    plots.save(plots.lines("KV cache memory", axes, curves), path)
     return path
 
 
@@ -187,26 +208,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def plot_fidelity(rows: list[FidelityRow], path: Path) -> None:
-    """Quality (agreement, needle accuracy) against bytes per token, one point per configuration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        axis.scatter(row.bytes_per_token, row.agreement, marker="o", color="tab:blue")
-        axis.scatter(row.bytes_per_token, row.needle_accuracy, marker="x", color="tab:red")
-        axis.annotate(
-            row.name, (row.bytes_per_token, row.agreement), fontsize=7, xytext=(3, 3), textcoords="offset points"
-        )
-    axis.set_xlabel("bytes per token seen (blocks in use)")
-    axis.set_ylabel("greedy agreement (o) / needle accuracy (x)")
-    axis.set_xscale("log")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    """Quality (agreement, needle accuracy) against bytes per token, one point per configuration (PNG + JSON)."""
+    plots.save(plots.fidelity(rows), path)
 
 
 def run_inspect(args: argparse.Namespace) -> dict[str, Any]:
@@ -232,15 +235,15 @@ def run_inspect(args: argparse.Namespace) -> dict[str, Any]:
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", type=int, choices=(2, 4, 8), default=4)
-    parser.add_argument("--residual-tokens", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=DEMO_NEW_TOKENS)
+    parser.add_argument("--residual-tokens", type=non_negative_int, default=64)
+    parser.add_argument("--new-tokens", type=positive_int, default=DEMO_NEW_TOKENS)
     parser.add_argument("--plot", default="kv_cache_demo.png", help="PNG of memory in use; '' for none")
 
 
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="text to complete")
     parser.add_argument("--model", default=None, help="a save_pretrained byte-level model folder (default: shipped)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     add_cache_options(parser)
 
 
@@ -252,12 +255,12 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--layers", type=positive_int, default=16)
+    parser.add_argument("--kv-heads", type=positive_int, default=8)
+    parser.add_argument("--head-dim", type=positive_int, default=128)
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
-    parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--budget-mb", type=float, default=1024.0)
+    parser.add_argument("--group-size", type=positive_int, default=64)
+    parser.add_argument("--budget-mb", type=positive_float, default=1024.0)
 
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
