@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kv_cache.block_format import BlockFormat, DenseBlocks, QuantizedBlocks
-from kv_cache.block_table import BlockTable, WritePlan
+from kv_cache.block_table import BlockTable, SealBatch, WritePlan
 from kv_cache.errors import CacheValidationError
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -37,6 +37,10 @@ def check_states(key: torch.Tensor, value: torch.Tensor, spec: StateSpec) -> Non
     head_dim]` float tensors that match `spec` (shape, dtype, device, and finite values when asked)."""
     if not isinstance(key, torch.Tensor) or not isinstance(value, torch.Tensor):
         raise CacheValidationError(f"key and value must be tensors; got {type(key).__name__}, {type(value).__name__}")
+    if key.layout != torch.strided or value.layout != torch.strided:
+        raise CacheValidationError(
+            f"key/value layouts are {key.layout}/{value.layout}; expected dense (strided) tensors"
+        )
     if key.dim() != 4:
         raise CacheValidationError(
             f"key has shape {tuple(key.shape)}; expected 4 dims [batch, kv_heads, tokens, head_dim]"
@@ -50,11 +54,6 @@ def check_states(key: torch.Tensor, value: torch.Tensor, spec: StateSpec) -> Non
             f"key/value dtypes are {key.dtype}/{value.dtype}; expected one of float32, float16, bfloat16, "
             "the same for both"
         )
-    if spec.finite and not bool(torch.isfinite(key).all() & torch.isfinite(value).all()):
-        raise CacheValidationError(
-            "key/value hold NaN or Inf; a quantized cache refuses them (they would poison a block's scales). "
-            "Fix the model's numerics, or set check_finite=False to skip this check"
-        )
     fmt = spec.block_format
     if fmt is not None and (key.shape[1] != fmt.kv_heads or key.shape[3] != fmt.head_dim):
         raise CacheValidationError(
@@ -65,6 +64,13 @@ def check_states(key: torch.Tensor, value: torch.Tensor, spec: StateSpec) -> Non
         raise CacheValidationError(f"key dtype is {key.dtype}; this cache was filled with {spec.dtype}")
     if spec.device is not None and (key.device != spec.device or value.device != spec.device):
         raise CacheValidationError(f"key/value are on {key.device}/{value.device}; this cache lives on {spec.device}")
+    if min(key.shape[1], key.shape[3]) == 0 or key.shape[0] == 0:
+        raise CacheValidationError(f"key has shape {tuple(key.shape)}; batch, kv_heads and head_dim must be >= 1")
+    if spec.finite and not bool(torch.isfinite(key).all() & torch.isfinite(value).all()):
+        raise CacheValidationError(
+            "key/value hold NaN or Inf; a quantized cache refuses them (they would poison a block's scales). "
+            "Fix the model's numerics, or set check_finite=False to skip this check"
+        )
 
 
 def token_rows(states: torch.Tensor) -> torch.Tensor:
@@ -100,30 +106,27 @@ def write_dense(dense: DenseBlocks, tables: list[BlockTable], plans: list[WriteP
 
 
 def encode_sealed(
-    dense: DenseBlocks,
-    storage: QuantizedBlocks,
-    tables: list[BlockTable],
-    plans: list[WritePlan],
-    rows: TokenRows | None,
+    dense: DenseBlocks, storage: QuantizedBlocks, seal: SealBatch, rows: TokenRows | None
 ) -> tuple[torch.Tensor, ...]:
-    """Quantize the blocks the plans seal (tokens `[plan.sealed, plan.seal_to)`).
+    """Quantize the blocks a seal's plans seal (tokens `[plan.sealed, plan.seal_to)`).
 
-    Tokens before `plan.start` come from the table's full-precision blocks, later ones from the new `rows`
-    (None when only stored tokens are sealed). Returns what `QuantizedBlocks.store` takes; raises
-    `CacheValidationError` on NaN/Inf before anything is written.
+    Tokens before `plan.start` come from the table's full-precision blocks, later ones from the new `rows` (row
+    `seal.rows[i]` of the append's batch; None when only stored tokens are sealed). New tokens are rounded to the
+    full-precision storage dtype first, so a token is quantized from the same values whichever way it arrived.
+    Returns what `QuantizedBlocks.store` takes; raises `CacheValidationError` on NaN/Inf before anything is written.
     """
     size = dense.keys.shape[1]
     from_blocks: tuple[list[int], list[int]] = ([], [])  # (slots of the blocks, rows of the sealed tokens)
     from_rows: tuple[list[int], list[int]] = ([], [])  # (rows of `rows`, rows of the sealed tokens)
-    per_table = 0 if rows is None else rows[0].shape[0] // len(tables)
     target = 0
-    for index, (table, plan) in enumerate(zip(tables, plans, strict=True)):
+    for index, (table, plan) in enumerate(zip(seal.tables, seal.plans, strict=True)):
+        batch_row = seal.rows[index] if seal.rows is not None else 0
         for position in range(plan.sealed, plan.seal_to):
             if position < plan.start:
                 from_blocks[0].append(table.dense_blocks[position // size] * size + position % size)
                 from_blocks[1].append(target)
             else:
-                from_rows[0].append(index * per_table + position - plan.start)
+                from_rows[0].append(batch_row * (plan.end - plan.start) + position - plan.start)
                 from_rows[1].append(target)
             target += 1
     device = dense.keys.device
@@ -133,7 +136,7 @@ def encode_sealed(
         tokens = torch.empty(target, *slots.shape[1:], device=device)
         for source, (src, dst) in ((slots, from_blocks), (new, from_rows)):
             if src and source is not None:
-                picked = source.index_select(0, torch.tensor(src, device=device))
+                picked = source.index_select(0, torch.tensor(src, device=device)).to(slots.dtype)
                 tokens.index_copy_(0, torch.tensor(dst, device=device), picked.float())
         sealed.append(tokens.view(target // size, size, *slots.shape[1:]))
     return storage.encode(sealed[0], sealed[1])

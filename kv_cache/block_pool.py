@@ -57,7 +57,10 @@ class BlockPool:
                 self.layers: list[LayerBlocks] = _pinned_zeros(fmt.allocate(num_blocks, torch.device("meta")))
             else:
                 self.layers = fmt.allocate(num_blocks, device)
-        except torch.OutOfMemoryError as exc:
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            # A CPU allocator that cannot serve the request raises a plain RuntimeError; anything else is a bug.
+            if not isinstance(exc, torch.OutOfMemoryError) and "alloc" not in str(exc).lower():
+                raise
             raise CacheMemoryError(
                 f"could not allocate {num_blocks} blocks ({num_blocks * fmt.bytes_per_block / 2**20:.1f} MiB) "
                 f"on {device}; lower {capacity_hint}"

@@ -97,8 +97,10 @@ def plan_append(table: BlockTable, layer: int, count: int, block_size: int, seal
 
 @dataclass
 class SealBatch:
-    """Tables of one layer whose plans seal blocks now."""
+    """Tables of one layer whose plans seal blocks now; `rows[i]` is table i's row in the append's batch (its new
+    tokens' row), or None when only stored tokens are sealed."""
 
     layer: int
     tables: list[BlockTable]
     plans: list[WritePlan]
+    rows: list[int] | None = None

@@ -274,6 +274,8 @@ class KVCacheConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> KVCacheConfig:
         """Build a config from `to_dict` output; unknown keys raise `CacheValidationError`."""
+        if not isinstance(data, dict):
+            raise CacheValidationError(f"data must be a dict of config fields; got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -285,4 +287,8 @@ class KVCacheConfig:
 
     @classmethod
     def from_json(cls, text: str) -> KVCacheConfig:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError) as error:
+            raise CacheValidationError(f"text is not a JSON config: {error}") from None
+        return cls.from_dict(data)

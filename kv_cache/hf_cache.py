@@ -157,6 +157,16 @@ class KVCache(Cache):
             layer.is_croppable = not self.config.use_quantization
         super().__init__(layers=layers)
 
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new states of `layer_idx` and return what its attention reads (see `PagedLayer.update`)."""
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self.layers):
+            raise CacheValidationError(
+                f"layer_idx={layer_idx!r} is out of range; the model has {len(self.layers)} layers"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
     # Batch-wide operations act once on the store (the layers share its block tables).
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row `i` continues the beam `beam_idx[i]` (blocks shared, copied only when written)."""
@@ -166,6 +176,8 @@ class KVCache(Cache):
         self._replace_rows([int(i) for i in torch.as_tensor(indices).tolist()])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise CacheValidationError(f"repeats={repeats!r} must be an int >= 1")
         if self.seq_ids is not None:
             self._replace_rows([row for row in range(len(self.seq_ids)) for _ in range(repeats)])
 

@@ -93,8 +93,7 @@ class KVStore:
             self.model_dtype = dtype
             self._reads = StoreReads(self.pool, self.quantized_pool, dtype, config.cache_mode is CacheMode.TRAINING)
             if config.evicts_tokens and config.cache_strategy is not CacheStrategy.LRU:
-                slots = self.pool.num_blocks * self.block_size
-                self._mass = AttentionMass(self.num_layers, slots, kv_heads, self.block_size, device)
+                self._mass = AttentionMass(self.num_layers, kv_heads, device)
 
     def _pool_size(self, fmt: BlockFormat, default: int, reserved_bytes: int) -> tuple[int, str]:
         """Blocks of `fmt` in the pool and the config field that sets it (for error messages)."""
@@ -152,6 +151,9 @@ class KVStore:
             table.dense_blocks = {len(sealed_ids) + i: block for i, block in enumerate(dense_ids)}
             table.layer_sealed = [sealed_tokens] * self.num_layers
             table.layer_lengths = [num_tokens] * self.num_layers
+            if self._mass is not None:
+                for layer in range(self.num_layers):
+                    self._mass.grow(seq_id, layer, num_tokens)
             self._version += 1
 
     def fork(self, seq_id: int) -> int:
@@ -165,6 +167,8 @@ class KVStore:
             new_id = self._next_id
             self._next_id += 1
             self._tables[new_id] = table
+            if self._mass is not None:
+                self._mass.fork(seq_id, new_id)
             return new_id
 
     def replace_rows(self, seq_ids: Sequence[int], sources: Sequence[int]) -> list[int]:
@@ -172,7 +176,7 @@ class KVStore:
         old rows are freed. Beam reordering, selection and repetition are all this. Returns the new sequence ids.
         """
         with self._lock:
-            if any(isinstance(s, bool) or not 0 <= s < len(seq_ids) for s in sources):
+            if any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < len(seq_ids) for s in sources):
                 raise CacheValidationError(
                     f"batch indices {list(sources)} are out of range for a batch of {len(seq_ids)}"
                 )
@@ -186,6 +190,8 @@ class KVStore:
         with self._lock:
             table = self._table(seq_id)
             del self._tables[seq_id]
+            if self._mass is not None:
+                self._mass.drop(seq_id)
             if self.pool is not None:
                 self.pool.release(table.block_ids)
             if self.quantized_pool is not None:
@@ -206,6 +212,8 @@ class KVStore:
             if self.sealer is not None and max(table.layer_sealed) > num_tokens:
                 self.sealer.unseal(table, num_tokens)
             table.layer_lengths = [min(length, num_tokens) for length in table.layer_lengths]
+            if self._mass is not None:
+                self._mass.truncate(seq_id, num_tokens)
             self._release_beyond(table)
             self._version += 1
 
@@ -221,18 +229,18 @@ class KVStore:
         """Tokens of a sequence in `layer` (or the furthest any layer has written)."""
         with self._lock:
             table = self._table(seq_id)
-            return table.num_tokens if layer is None else table.layer_lengths[layer]
+            return table.num_tokens if layer is None else table.layer_lengths[self._layer(layer)]
 
     def num_seen(self, seq_id: int, layer: int) -> int:
         """Tokens a sequence has seen in `layer`, evicted ones included (the next token's position)."""
         with self._lock:
             table = self._table(seq_id)
-            return table.layer_lengths[layer] + table.layer_evicted[layer]
+            return table.layer_lengths[self._layer(layer)] + table.layer_evicted[layer]
 
     def num_sealed(self, seq_id: int, layer: int) -> int:
         """Tokens of a sequence held in quantized blocks in `layer`."""
         with self._lock:
-            return self._table(seq_id).layer_sealed[layer]
+            return self._table(seq_id).layer_sealed[self._layer(layer)]
 
     def block_ids(self, seq_id: int) -> list[int]:
         """The full-precision block ids of a sequence, oldest first."""
@@ -247,6 +255,16 @@ class KVStore:
     def quantized_block_ids(self, seq_id: int) -> list[int]:
         with self._lock:
             return list(self._table(seq_id).quantized_ids)
+
+    def token_totals(self) -> tuple[int, int, int]:
+        """`(sequences, tokens held, tokens seen)` over every sequence, read at one instant."""
+        with self._lock:
+            tables = list(self._tables.values())
+            return (
+                len(tables),
+                sum(t.num_tokens for t in tables),
+                sum(t.layer_lengths[0] + t.layer_evicted[0] for t in tables),
+            )
 
     @property
     def sequence_ids(self) -> list[int]:
@@ -277,7 +295,7 @@ class KVStore:
             seals = sealer.plan(tables, plans, layer) if sealer else []
             self._check_capacity(tables, plans, seals)
             if seals and sealer:
-                sealer.seal(seals, layer, rows)
+                sealer.seal(seals, rows)
                 self._version += 1
                 for table in tables:
                     self._release_sealed(table)
@@ -286,8 +304,9 @@ class KVStore:
             write_dense(self.pool.dense(layer), tables, plans, rows)
             for table, plan in zip(tables, plans, strict=True):
                 table.layer_lengths[layer] = plan.end
-                if self._mass is not None:  # a new token has received no attention yet
-                    self._mass.clear(layer, self._slots(table, plan.end)[plan.start :])
+            if self._mass is not None:  # a new token has received no attention yet
+                for seq_id, plan in zip(seq_ids, plans, strict=True):
+                    self._mass.grow(seq_id, layer, plan.end - plan.start)
 
     def blocks_needed_for_append(self, seq_id: int, count: int) -> tuple[int, int]:
         """Blocks that appending `count` tokens to every layer of a sequence allocates: `(full-precision, sealed)`,
@@ -311,10 +330,11 @@ class KVStore:
         All sequences must hold the same number of tokens in `layer`. Returns two `[batch, kv_heads, tokens,
         head_dim]` tensors in the model's dtype, valid until the next call on the store, the way attention
         consumes them (clone them to keep them): views of the pool itself when one sequence's blocks are one
-        run of consecutive ids (no copy at all), else of a workspace that the next `read` overwrites.
+        run of consecutive ids (no copy at all), else of a per-thread workspace that this thread's next `read`
+        overwrites.
         """
         with self._lock:
-            return self._reader().read(self._batch(seq_ids), layer)
+            return self._reader().read(self._batch(seq_ids), self._layer(layer))
 
     def keep_tokens(self, seq_ids: Sequence[int], layer: int, keep: torch.Tensor) -> None:
         """Evict every token of `layer` but `keep` and compact the kept ones to the front (order preserved).
@@ -327,18 +347,25 @@ class KVStore:
             pool = self.pool
             if pool is None or self.quantized_pool is not None:
                 raise CacheValidationError("token eviction needs an allocated full-precision (unquantized) store")
+            self._layer(layer)
+            _check_keep(keep, pool.block_format.kv_heads, [table.layer_lengths[layer] for table in tables])
             kept = keep.shape[-1]
             size = self.block_size
+            copies = sum(
+                1 for t in tables for x in range(blocks_needed(kept, size)) if pool.ref_count(t.dense_blocks[x]) > 1
+            )
+            if copies > pool.num_free:  # checked for every row first: a failure leaves every row as it was
+                raise CacheMemoryError(
+                    f"requested {copies} blocks (copy-on-write) but only {pool.num_free} are free; "
+                    f"raise {pool.capacity_hint}"
+                )
             for row, table in enumerate(tables):
                 length = table.layer_lengths[layer]
-                if keep.shape[:2] != (len(tables), pool.block_format.kv_heads) or kept > length:
-                    raise CacheValidationError(
-                        f"keep has shape {tuple(keep.shape)}; expected [batch, kv_heads, <= {length}]"
-                    )
                 self._make_private(table, range(blocks_needed(kept, size)))
                 dense = pool.dense(layer)
-                mass = [self._mass.storage(layer)] if self._mass is not None else []
-                compact([dense.key_slots, dense.value_slots, *mass], self._slots(table, length), keep[row])
+                compact([dense.key_slots, dense.value_slots], self._slots(table, length), keep[row])
+                if self._mass is not None:
+                    self._mass.keep(seq_ids[row], layer, keep[row])
                 table.layer_lengths[layer] = kept
                 table.layer_evicted[layer] += length - kept
                 self._release_beyond(table)
@@ -349,17 +376,16 @@ class KVStore:
             if self._mass is None:
                 raise CacheValidationError("this store does not track attention mass (no LFU/ADAPTIVE eviction)")
             for row, seq_id in enumerate(seq_ids):
-                table = self._table(seq_id)
-                slots = self._slots(table, table.layer_lengths[layer])
-                self._mass.add(layer, slots, mass[row, :, : slots.numel()])
+                self._table(seq_id)
+                self._mass.add(seq_id, layer, mass[row])
 
     def attention_mass(self, seq_id: int, layer: int) -> torch.Tensor:
         """Accumulated attention per held token of one sequence: `[kv_heads, tokens]` fp32."""
         with self._lock:
             if self._mass is None:
                 raise CacheValidationError("this store does not track attention mass (no LFU/ADAPTIVE eviction)")
-            table = self._table(seq_id)
-            return self._mass.read(layer, self._slots(table, table.layer_lengths[layer]))
+            self._table(seq_id)
+            return self._mass.read(seq_id, layer)
 
     def _slots(self, table: BlockTable, length: int) -> torch.Tensor:
         assert self.pool is not None
@@ -379,8 +405,6 @@ class KVStore:
             old = table.dense_blocks[logical]
             (table.dense_blocks[logical],) = self.pool.allocate(1)
             self.pool.copy_block(old, table.dense_blocks[logical])
-            if self._mass is not None:
-                self._mass.copy_block(old, table.dense_blocks[logical])
             self.pool.release([old])
             self._version += 1
 
@@ -398,7 +422,7 @@ class KVStore:
         Rows may hold different numbers of tokens (see `block_views.paged_view`).
         """
         with self._lock:
-            return self._reader().paged_kv(self._batch(seq_ids), layer)
+            return self._reader().paged_kv(self._batch(seq_ids), self._layer(layer))
 
     def block_table_tensor(
         self, seq_ids: Sequence[int], first: int, count: int, quantized: bool = False
@@ -456,6 +480,12 @@ class KVStore:
         except KeyError:
             raise CacheValidationError(f"sequence id {seq_id!r} is not in this cache") from None
 
+    def _layer(self, layer: int) -> int:
+        """`layer` if it names one of this store's layers, else `CacheValidationError`."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise CacheValidationError(f"layer={layer!r} is out of range; this cache has {self.num_layers} layers")
+        return layer
+
     def _plan(self, table: BlockTable, layer: int, count: int) -> WritePlan:
         """Where `count` new tokens of `layer` go, sealing every whole block older than the residual window."""
         seal_to = self.sealer.target(table, layer, count) if self.sealer else 0
@@ -472,7 +502,10 @@ class KVStore:
         ]
         dense = sum(len(p.new_dense) for p in plans) + _copies_needed(pool, shared)
         released = self.sealer.released_by(tables, seals) if self.sealer else 0
-        return dense, released, sum(p.new_sealed for p in plans)
+        sealed = sum(p.new_sealed for p in plans)
+        if self.sealer is not None and self.quantized_pool is not None:
+            sealed += _copies_needed(self.quantized_pool, self.sealer.shared_writes(seals))
+        return dense, released, sealed
 
     def _check_capacity(self, tables: list[BlockTable], plans: list[WritePlan], seals: list[SealBatch]) -> None:
         """Raise `CacheMemoryError`, before anything changes, if the pools cannot hold what `plans` need."""
@@ -514,8 +547,9 @@ class KVStore:
 
         `seq_ids=None` checks everything but the batch size.
         """
-        if not 0 <= layer < self.num_layers:
-            raise CacheValidationError(f"layer={layer} is out of range; this cache has {self.num_layers} layers")
+        self._layer(layer)
+        if seq_ids is not None and len(set(seq_ids)) != len(seq_ids):
+            raise CacheValidationError(f"seq_ids={list(seq_ids)} names a sequence twice; each row needs its own")
         expected = StateSpec(
             batch=None if seq_ids is None else len(seq_ids),
             block_format=None if self.pool is None else self.pool.block_format,
@@ -527,6 +561,25 @@ class KVStore:
 
     def _configured_device(self) -> torch.device | None:
         return None if self.config.device == "auto" else self.config.resolved_device()
+
+
+def _check_keep(keep: torch.Tensor, kv_heads: int, lengths: list[int]) -> None:
+    """`keep` must be `[batch, kv_heads, kept]` integer indices, row `b`'s in `[0, lengths[b])`, strictly ascending."""
+    problem = None
+    batch = len(lengths)
+    if not isinstance(keep, torch.Tensor) or keep.dim() != 3 or keep.shape[:2] != (batch, kv_heads):
+        problem = f"keep must be [batch={batch}, kv_heads={kv_heads}, kept]"
+    elif keep.dtype.is_floating_point or keep.dtype == torch.bool or keep.is_complex():
+        problem = f"keep must hold integer indices, not {keep.dtype}"
+    elif keep.shape[-1] > min(lengths) or (
+        keep.numel() and (int(keep.min()) < 0 or bool((keep.amax((1, 2)).cpu() >= torch.tensor(lengths)).any()))
+    ):
+        problem = f"keep indices must lie in [0, held) for each row (held: {lengths})"
+    elif keep.shape[-1] > 1 and not bool((keep[..., 1:] > keep[..., :-1]).all()):
+        problem = "keep indices must be strictly ascending per row and head"
+    if problem is not None:
+        shape = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__
+        raise CacheValidationError(f"{problem}; got {shape}")
 
 
 def _copies_needed(pool: BlockPool, shared: list[list[int]]) -> int:

@@ -37,10 +37,11 @@ class Sealer:
     def plan(self, tables: list[BlockTable], plans: list[WritePlan], layer: int) -> list[SealBatch]:
         """What to seal now: the plans of `layer` that seal, then, per other layer, the blocks `layer` seals
         that the other layer already holds whole."""
-        sealing = [(t, p) for t, p in zip(tables, plans, strict=True) if p.seal_to > p.sealed]
-        if not sealing:
+        rows = [i for i, p in enumerate(plans) if p.seal_to > p.sealed]
+        if not rows:
             return []
-        seals = [SealBatch(layer, [t for t, _ in sealing], [p for _, p in sealing])]
+        sealing = [(tables[i], plans[i]) for i in rows]
+        seals = [SealBatch(layer, [t for t, _ in sealing], [p for _, p in sealing], rows)]
         for other in range(self.num_layers):
             if other == layer:
                 continue
@@ -68,12 +69,28 @@ class Sealer:
             )
         return released
 
-    def seal(self, seals: list[SealBatch], layer: int, rows: TokenRows) -> None:
-        """Quantize every batch in `seals` (the new `rows` feed `layer`'s), then store them all.
+    def shared_writes(self, seals: list[SealBatch]) -> list[list[int]]:
+        """Per table, the existing sealed blocks `seals` write while another sequence shares them (a layer ran
+        ahead and allocated the block, then the sequence was forked): those are copied first."""
+        written: dict[int, tuple[BlockTable, set[int]]] = {}
+        for seal in seals:
+            for table, plan in zip(seal.tables, seal.plans, strict=True):
+                logicals = range(
+                    plan.sealed // self.block_size, min(len(table.quantized_ids), plan.seal_to // self.block_size)
+                )
+                written.setdefault(id(table), (table, set()))[1].update(logicals)
+        pool = self.quantized_pool
+        return [
+            [table.quantized_ids[x] for x in sorted(logicals) if pool.ref_count(table.quantized_ids[x]) > 1]
+            for table, logicals in written.values()
+        ]
+
+    def seal(self, seals: list[SealBatch], rows: TokenRows) -> None:
+        """Quantize every batch in `seals` (the new `rows` feed the batch that has `rows`), then store them all.
 
         Encoding comes first, so a block that cannot be sealed (NaN/Inf) raises before anything changes.
         """
-        encoded = [self._encode(seal, rows if seal.layer == layer else None) for seal in seals]
+        encoded = [self._encode(seal, rows if seal.rows is not None else None) for seal in seals]
         for seal, blocks in zip(seals, encoded, strict=True):
             self._store(seal, blocks)
 
@@ -99,14 +116,22 @@ class Sealer:
 
     def _encode(self, seal: SealBatch, rows: TokenRows | None) -> tuple[torch.Tensor, ...]:
         storage = self.quantized_pool.quantized(seal.layer)
-        return encode_sealed(self.pool.dense(seal.layer), storage, seal.tables, seal.plans, rows)
+        return encode_sealed(self.pool.dense(seal.layer), storage, seal, rows)
 
     def _store(self, seal: SealBatch, encoded: tuple[torch.Tensor, ...]) -> None:
         """Allocate the quantized blocks a seal writes (shared by all layers), store them, advance its layer."""
+        pool = self.quantized_pool
         for table, plan in zip(seal.tables, seal.plans, strict=True):
-            missing = plan.seal_to // self.block_size - len(table.quantized_ids)
+            first, end = plan.sealed // self.block_size, plan.seal_to // self.block_size
+            for logical in range(first, min(end, len(table.quantized_ids))):
+                old = table.quantized_ids[logical]
+                if pool.ref_count(old) > 1:  # copy-on-write: another sequence shares this half-sealed block
+                    (table.quantized_ids[logical],) = pool.allocate(1)
+                    pool.copy_block(old, table.quantized_ids[logical])
+                    pool.release([old])
+            missing = end - len(table.quantized_ids)
             if missing > 0:
-                table.quantized_ids.extend(self.quantized_pool.allocate(missing))
-        store_sealed(self.quantized_pool.quantized(seal.layer), seal.tables, seal.plans, encoded)
+                table.quantized_ids.extend(pool.allocate(missing))
+        store_sealed(pool.quantized(seal.layer), seal.tables, seal.plans, encoded)
         for table, plan in zip(seal.tables, seal.plans, strict=True):
             table.layer_sealed[seal.layer] = plan.seal_to

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from kv_cache.config import CacheStrategy, KVCacheConfig
-from kv_cache.errors import CacheValidationError
+from kv_cache.errors import CacheError, CacheMemoryError, CacheValidationError
 from kv_cache.kv_store import KVStore
 from kv_cache.policies import AdaptivePolicy, LFUPolicy, LRUPolicy, Policy, make_policy
 from kv_cache.profiler import Profiler
@@ -90,17 +90,22 @@ class BaseKVCache:
         """
         with self.profiler.record("forward", key.device if isinstance(key, torch.Tensor) else None):
             self.store.validate_inputs(self.seq_ids or None, 0, key, value)
-            if not self.seq_ids:
-                self.seq_ids = [self.store.add_sequence() for _ in range(key.shape[0])]
             seen = self.seq_length
             position = self._start_position(cache_position, key.shape[2], seen)
-            if position < seen:
-                self._rewind(position)
-            if self.evictor is not None:
-                self.evictor.evict(self.seq_ids, 0, incoming=key.shape[2])
-            cached = self.store.num_tokens(self.seq_ids[0])
-            self.store.append(self.seq_ids, 0, key, value)
-            keys, values = self.store.read(self.seq_ids, 0)
+            if position + key.shape[2] > self.config.max_tokens and self.evictor is None:  # before any rewind
+                raise CacheMemoryError(
+                    f"a sequence would hold {position + key.shape[2]} tokens but max_tokens={self.config.max_tokens}; "
+                    "raise max_tokens"
+                )
+            first_call = not self.seq_ids
+            if first_call:
+                self.seq_ids = [self.store.add_sequence() for _ in range(key.shape[0])]
+            try:
+                keys, values, cached = self._store_step(key, value, position, seen)
+            except CacheError:
+                if first_call:  # a failed first call fixes nothing, not even the batch size
+                    self.reset()
+                raise
         self.tracker.record_read(cached * len(self.seq_ids), key.shape[2] * len(self.seq_ids))
         self.tracker.snapshot(functools.partial(store_gauges, self.store))
         info = {
@@ -111,6 +116,19 @@ class BaseKVCache:
             "evicted_tokens": position - cached,
         }
         return keys, values, info
+
+    def _store_step(
+        self, key: torch.Tensor, value: torch.Tensor, position: int, seen: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Rewind to `position` if before the end, evict if over budget, append, read: (keys, values, cached)."""
+        if position < seen:
+            self._rewind(position)
+        if self.evictor is not None:
+            self.evictor.evict(self.seq_ids, 0, incoming=key.shape[2])
+        cached = self.store.num_tokens(self.seq_ids[0])
+        self.store.append(self.seq_ids, 0, key, value)
+        keys, values = self.store.read(self.seq_ids, 0)
+        return keys, values, cached
 
     def record_attention(self, weights: torch.Tensor) -> None:
         """Feed the attention weights of the last `forward` to LFU/ADAPTIVE token eviction (heavy hitters).
@@ -155,6 +173,8 @@ class BaseKVCache:
         if cache_position is None:
             return length
         if isinstance(cache_position, torch.Tensor):
+            if cache_position.dtype.is_floating_point or cache_position.dtype == torch.bool:
+                raise CacheValidationError(f"cache_position must hold integer positions, not {cache_position.dtype}")
             if cache_position.dim() > 1 or cache_position.numel() not in (1, new_tokens):
                 raise CacheValidationError(
                     f"cache_position has shape {tuple(cache_position.shape)}; expected an int or a 1-D tensor of "
@@ -252,8 +272,8 @@ class PagedKVCache(BaseKVCache):
         block_size = self.config.tokens_per_block
         filled = 0
         for seq_id in holders:
-            start = self.store.block_ids(seq_id).index(page_id) * block_size
-            filled = max(filled, min(block_size, self.store.num_tokens(seq_id) - start))
+            logical = next(x for x, block in self.store.dense_blocks(seq_id).items() if block == page_id)
+            filled = max(filled, min(block_size, self.store.num_tokens(seq_id) - logical * block_size))
         free = pool.ref_count(page_id) == 0
         return {
             "page_id": page_id,
@@ -294,11 +314,11 @@ class BatchCacheOperations:
 
     def reorder(self, beam_idx: torch.Tensor | list[int]) -> None:
         """Row `i` continues old row `beam_idx[i]` (beam search)."""
-        self._replace([int(i) for i in torch.as_tensor(beam_idx).flatten().tolist()])
+        self._replace(_row_indices("beam_idx", beam_idx))
 
     def select(self, indices: torch.Tensor | list[int]) -> None:
         """Keep only the rows `indices`, in that order (finished rows leave the batch)."""
-        self._replace([int(i) for i in torch.as_tensor(indices).flatten().tolist()])
+        self._replace(_row_indices("indices", indices))
 
     def repeat_interleave(self, repeats: int) -> None:
         """Each row becomes `repeats` consecutive rows (e.g. several samples per prompt)."""
@@ -308,6 +328,17 @@ class BatchCacheOperations:
 
     def _replace(self, sources: list[int]) -> None:
         self.cache.seq_ids = self.cache.store.replace_rows(self.cache.seq_ids, sources)
+
+
+def _row_indices(name: str, indices: torch.Tensor | list[int]) -> list[int]:
+    """Batch row indices as ints; floats, bools and non-numbers raise `CacheValidationError` naming `name`."""
+    try:
+        tensor = torch.as_tensor(indices)
+    except (TypeError, ValueError, RuntimeError):
+        raise CacheValidationError(f"{name}={indices!r} must be integer batch indices") from None
+    if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.is_complex():
+        raise CacheValidationError(f"{name} must hold integer batch indices, not {tensor.dtype}")
+    return [int(i) for i in tensor.flatten().tolist()]
 
 
 LRUEvictionStrategy = LRUPolicy

@@ -280,14 +280,12 @@ def store_gauges(store: KVStore) -> dict[str, Any]:
     per token over it, and `effective_bytes_per_token` the memory of the blocks in use over the tokens seen
     (full-precision tail, partly filled blocks and eviction all accounted).
     """
-    sequences = store.sequence_ids
-    tokens = sum(store.num_tokens(s) for s in sequences)
-    seen = sum(store.num_seen(s, 0) for s in sequences)
+    sequences, tokens, seen = store.token_totals()
     pools = [p for p in (store.pool, store.quantized_pool) if p is not None]
     gauges: dict[str, Any] = {
         "tokens": tokens,
         "tokens_seen": seen,
-        "sequences": len(sequences),
+        "sequences": sequences,
         "blocks_used": sum(p.num_used for p in pools),
         "blocks_free": sum(p.num_free for p in pools),
         "blocks_total": sum(p.num_blocks for p in pools),

@@ -18,6 +18,7 @@ store's version (bumped whenever a block id list changes) moves on.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -62,7 +63,7 @@ class StoreReads:
         self.block_size = pool.block_size
         self._block_tables: VersionedCache[tuple[torch.Tensor, int | None]] = VersionedCache()
         self._paged_views: VersionedCache[PagedKV] = VersionedCache()
-        self._buffers: Dense | None = None
+        self._local = threading.local()  # each thread reads into its own workspace
 
     def block_rows(
         self, batch: ReadBatch, first: int, count: int, quantized: bool = False
@@ -111,7 +112,7 @@ class StoreReads:
     def _pool_view(self, batch: ReadBatch, layer: int, num_blocks: int) -> Dense | None:
         """The blocks as a view of the pool when they are one run of consecutive ids (no copy at all)."""
         dense = self.pool.dense(layer)
-        if batch.tables[0].layer_sealed[layer] or dense.keys.dtype != self.model_dtype:
+        if len(batch.tables) != 1 or batch.tables[0].layer_sealed[layer] or dense.keys.dtype != self.model_dtype:
             return None
         _, run = self.block_rows(batch, 0, num_blocks)
         if run is None:
@@ -153,9 +154,10 @@ class StoreReads:
             target[:, sealed:].copy_(blocks.view(rows, num_blocks - sealed, *blocks.shape[1:]))
 
     def _workspace(self, numel: int) -> Sequence[torch.Tensor]:
-        """Two flat buffers of at least `numel` elements, grown geometrically and then reused."""
-        if self._buffers is None or self._buffers[0].numel() < numel:
-            capacity = max(numel, 2 * self._buffers[0].numel() if self._buffers else 0)
-            keys, values = (torch.empty(capacity, dtype=self.model_dtype, device=self.pool.device) for _ in range(2))
-            self._buffers = (keys, values)
-        return self._buffers[0][:numel], self._buffers[1][:numel]
+        """This thread's two flat buffers of at least `numel` elements, grown geometrically and then reused."""
+        buffers: list[torch.Tensor] = getattr(self._local, "buffers", [])
+        if not buffers or buffers[0].numel() < numel:
+            capacity = max(numel, 2 * buffers[0].numel() if buffers else 0)
+            buffers = [torch.empty(capacity, dtype=self.model_dtype, device=self.pool.device) for _ in range(2)]
+            self._local.buffers = buffers
+        return buffers[0][:numel], buffers[1][:numel]

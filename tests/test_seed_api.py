@@ -61,7 +61,8 @@ def test_rewriting_from_an_earlier_position() -> None:
         (-1, "cache_position=-1"),
         (1.5, "must be an int"),
         (torch.tensor([3, 5]), "consecutive"),
-        (torch.zeros(2, 2), "shape"),
+        (torch.zeros(2, 2, dtype=torch.long), "shape"),
+        (torch.tensor([5.0]), "integer positions"),
     ],
 )
 def test_bad_positions_raise_and_keep_the_cache(position: object, message: str) -> None:

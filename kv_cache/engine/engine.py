@@ -96,6 +96,7 @@ class KVCacheEngine:
         self._snapshot: dict[str, Any] = {}
         if self.remote is not None:
             self._calibrate(self.remote.cost)
+        self._snapshot = self._stats()  # what get_stats shows while the first step runs
 
     # ------------------------------------------------------------------------------------------------ API
     def add_request(self, prompt_ids: Sequence[int] | torch.Tensor, sampling: SamplingParams | None = None) -> int:

@@ -202,8 +202,8 @@ class Reference:
         for layer, new in zip(self.seqs[source].layers, self.seqs[seq_id].layers, strict=True):
             new.keys, new.values = layer.keys[:, :tokens].clone(), layer.values[:, :tokens].clone()
             new.sealed = sealed
-            if layer.mass is not None:
-                new.mass = layer.mass[:, :tokens].clone()
+            if layer.mass is not None:  # attention mass is the sequence's own: adopted tokens start unscored
+                new.mass = torch.zeros_like(layer.mass[:, :tokens])
 
     def add_mass(self, seq_id: int, layer: int, mass: torch.Tensor) -> None:
         """mass: `[kv_heads, tokens]` fp32 attention received by each held token."""

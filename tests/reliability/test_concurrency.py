@@ -195,11 +195,6 @@ def test_eight_threads_generate_through_one_engine(model: PreTrainedModel) -> No
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: while the first step runs, engine.get_stats() returns {} (there is no "
-    "snapshot yet): a metrics scrape then exports nothing",
-)
 def test_stats_during_the_first_step_are_complete(model: PreTrainedModel) -> None:
     engine = KVCacheEngine(model, store_config(num_blocks=64, block_size=16, max_tokens=128))
     seen: list[dict] = []
@@ -226,11 +221,6 @@ def interleaved_store() -> tuple[KVStore, int, int]:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: KVStore is documented thread-safe, but read() returns views of one "
-    "shared workspace: another thread's read overwrites what this thread has just read",
-)
 def test_a_read_is_not_overwritten_by_another_threads_read() -> None:
     store, first, second = interleaved_store()
     keys, _ = store.read([first], 0)
@@ -240,11 +230,6 @@ def test_a_read_is_not_overwritten_by_another_threads_read() -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: store_gauges (every get_stats) lists the sequences, then reads each "
-    "without the store's lock: a sequence freed in between raises CacheValidationError",
-)
 def test_stats_while_another_thread_frees_a_sequence(monkeypatch: pytest.MonkeyPatch) -> None:
     store, first, _ = interleaved_store()
     num_tokens = store.num_tokens

@@ -170,7 +170,8 @@ def test_an_oom_allocating_the_pools_is_a_memory_error_and_changes_nothing(
     monkeypatch.undo()
     assert fault.raised == 1 and cache.store.pool is None and cache.store.quantized_pool is None
     keys, _, _ = cache.forward(kv(2, 30), kv(2, 30))  # the same batch: works, and seals if quantized
-    assert keys.shape[2] == 30 and (not cache.config.use_quantization or cache.store.num_sealed(0, 0) > 0)
+    sealed = cache.store.num_sealed(cache.seq_ids[0], 0)
+    assert keys.shape[2] == 30 and (not cache.config.use_quantization or sealed > 0)
 
 
 ALLOCATING = ("tensor", "empty", "zeros", "full", "arange", "stack", "cat", "where", "full_like", "empty_like")

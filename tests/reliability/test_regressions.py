@@ -18,11 +18,6 @@ def states(tokens: int, seed: int) -> torch.Tensor:
     return torch.randn(1, HEADS, tokens, DIM, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a layer sealing a block writes into it even while another sequence shares it "
-    "(sealing.Sealer._store / block_io.store_sealed: no copy-on-write)",
-)
 def test_sealing_a_shared_block_does_not_write_into_the_other_holder() -> None:
     """Layer 1 runs ahead and seals block 0 (allocating it for every layer); after a fork both sequences seal
     their own layer-0 tokens into that one shared block, and the parent reads the child's keys."""
@@ -35,11 +30,6 @@ def test_sealing_a_shared_block_does_not_write_into_the_other_holder() -> None:
     assert (store.read([parent], 0)[0] - states(4, 1)).abs().max() < 0.5  # INT4 error is ~0.1 here; 3+ if not
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: when only some rows of a batched append seal a block, the sealed tokens come from the wrong row "
-    "(block_io.encode_sealed indexes rows within the sealing subset)",
-)
 def test_a_row_sealing_alone_in_a_batch_seals_its_own_tokens() -> None:
     """Continuous batching with residual_tokens=0: row 1 completes a block (and seals it) while row 0 does not;
     the sealed block must hold row 1's token, not row 0's."""
@@ -51,7 +41,6 @@ def test_a_row_sealing_alone_in_a_batch_seals_its_own_tokens() -> None:
     assert (store.read([long], 0)[0][0, :, 3] - new[1, :, 0]).abs().max() < 0.1  # INT8 error; 100 if mixed up
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: attention mass lives per pool slot and is not copied on write")
 def test_a_fork_does_not_receive_its_parents_attention_mass() -> None:
     """Beam search forks a sequence; heavy-hitter scores added to one beam must not change the other's."""
     store = KVStore(store_config(token_budget=8, cache_strategy="lfu"), num_layers=1)
@@ -62,11 +51,6 @@ def test_a_fork_does_not_receive_its_parents_attention_mass() -> None:
     assert torch.equal(store.attention_mass(child, 0), torch.zeros(HEADS, 5))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with a storage dtype below the model's, tokens sealed straight from an append are quantized "
-    "unrounded, those sealed from the tail after rounding (chunking changes reads)",
-)
 def test_quantized_reads_do_not_depend_on_how_appends_were_chunked() -> None:
     """The same 12 tokens, appended at once or one by one, into INT4 blocks with an fp16 full-precision tail."""
     keys, values = states(12, 0), states(12, 1)
@@ -81,7 +65,6 @@ def test_quantized_reads_do_not_depend_on_how_appends_were_chunked() -> None:
     assert torch.equal(reads[0], reads[1])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: forward rewinds to cache_position before the append is known to fit")
 def test_a_rewrite_that_does_not_fit_leaves_the_cache_as_it_was() -> None:
     """`forward` from a position before the end that then runs out of room must not have dropped anything."""
     cache = BaseKVCache(store_config(max_tokens=8))
@@ -91,7 +74,6 @@ def test_a_rewrite_that_does_not_fit_leaves_the_cache_as_it_was() -> None:
     assert cache.seq_length == 6
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: get_page counts a quantized cache's tail pages from logical block 0")
 def test_page_token_counts_skip_sealed_blocks() -> None:
     """With 6 tokens in INT4 blocks of 4 and no window, block 0 is sealed and the one tail page holds 2 tokens."""
     cache = PagedKVCache(quantized(4, residual_tokens=0))
@@ -100,10 +82,6 @@ def test_page_token_counts_skip_sealed_blocks() -> None:
     assert cache.get_page(page)["tokens"] == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: keep_tokens compacts row by row; a later row's failed copy-on-write leaves the earlier rows evicted",
-)
 def test_keep_tokens_that_runs_out_of_blocks_changes_no_row() -> None:
     """Row 0 needs no copy; row 1 shares its first block with `parent` and the pool is full."""
     store = KVStore(store_config(num_blocks=4), num_layers=1)
@@ -116,12 +94,6 @@ def test_keep_tokens_that_runs_out_of_blocks_changes_no_row() -> None:
     assert store.num_tokens(private) == 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="BUG: a batched read tries the zero-copy pool view when row "
-    "0 has nothing sealed, without checking the other rows (store_reads._pool_view)",
-)
 def test_a_batch_read_with_only_later_rows_sealed() -> None:
     """Equal lengths, uneven seals (after a truncation): row 0 all full precision, row 1 with a sealed block."""
     store = KVStore(quantized(4), num_layers=1)
