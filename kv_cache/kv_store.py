@@ -17,8 +17,10 @@ Inputs and outputs use Hugging Face's layout: `[batch, kv_heads, tokens, head_di
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import ParamSpec, TypeVar
 
 import torch
 
@@ -32,6 +34,25 @@ from kv_cache.config import CacheMode, CacheStrategy, KVCacheConfig
 from kv_cache.errors import CacheMemoryError, CacheValidationError
 from kv_cache.sealing import Sealer
 from kv_cache.store_reads import ReadBatch, StoreReads
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _memory_errors(method: Callable[P, R]) -> Callable[P, R]:
+    """Turn an out-of-memory error inside a store operation into `CacheMemoryError` naming what to change."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except torch.OutOfMemoryError as error:
+            raise CacheMemoryError(
+                f"out of device memory during KVStore.{method.__name__}: the pools are preallocated, so this is "
+                "the working memory around them; lower num_blocks, memory_budget_mb or max_tokens, or the batch"
+            ) from error
+
+    return wrapper
 
 
 class KVStore:
@@ -120,6 +141,7 @@ class KVStore:
             self._tables[seq_id] = BlockTable.empty(self.num_layers)
             return seq_id
 
+    @_memory_errors
     def adopt_blocks(self, seq_id: int, sealed_ids: Sequence[int], dense_ids: Sequence[int], num_tokens: int) -> None:
         """Start an empty sequence with existing blocks, shared copy-on-write (a prefix cache's, a swap's copies).
 
@@ -156,6 +178,7 @@ class KVStore:
                     self._mass.grow(seq_id, layer, num_tokens)
             self._version += 1
 
+    @_memory_errors
     def fork(self, seq_id: int) -> int:
         """A new sequence sharing every block of `seq_id` (no copy until one of them writes a shared block)."""
         with self._lock:
@@ -198,6 +221,7 @@ class KVStore:
                 self.quantized_pool.release(table.quantized_ids)
             self._version += 1
 
+    @_memory_errors
     def truncate(self, seq_id: int, num_tokens: int) -> None:
         """Keep only the first `num_tokens` tokens of a sequence (in every layer) and release emptied blocks.
 
@@ -272,6 +296,7 @@ class KVStore:
             return list(self._tables)
 
     # ---------------------------------------------------------------------------------------- write / read
+    @_memory_errors
     def append(self, seq_ids: Sequence[int], layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Append `tokens` new tokens to each sequence in `layer`.
 
@@ -324,6 +349,7 @@ class KVStore:
             dense, released, sealed = self._needs([table], plans, seals)
             return max(0, dense - released), sealed
 
+    @_memory_errors
     def read(self, seq_ids: Sequence[int], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the sequences in `layer`, oldest first, for attention (dequantized if sealed).
 
@@ -336,6 +362,7 @@ class KVStore:
         with self._lock:
             return self._reader().read(self._batch(seq_ids), self._layer(layer))
 
+    @_memory_errors
     def keep_tokens(self, seq_ids: Sequence[int], layer: int, keep: torch.Tensor) -> None:
         """Evict every token of `layer` but `keep` and compact the kept ones to the front (order preserved).
 
@@ -370,6 +397,7 @@ class KVStore:
                 table.layer_evicted[layer] += length - kept
                 self._release_beyond(table)
 
+    @_memory_errors
     def add_attention_mass(self, seq_ids: Sequence[int], layer: int, mass: torch.Tensor) -> None:
         """Accumulate attention received per token: mass `[batch, kv_heads, tokens]` (fp32, tokens = held)."""
         with self._lock:
@@ -416,6 +444,7 @@ class KVStore:
             self.pool.release(table.dense_blocks.pop(logical) for logical in dropped)
             self._version += 1
 
+    @_memory_errors
     def paged_kv(self, seq_ids: Sequence[int], layer: int) -> PagedKV:
         """`layer` of the sequences as the attention kernels read it: block tables and lengths, no copy.
 

@@ -297,7 +297,9 @@ class MemoryManager:
         while True:
             try:
                 result = operation()
-            except torch.OutOfMemoryError as error:
+            except (torch.OutOfMemoryError, CacheMemoryError) as error:
+                if not _is_device_oom(error):  # a full pool is the scheduler's business, not a retry's
+                    raise
                 self.counters["oom_errors"] += 1
                 rollback()
                 freed = self.release_memory()
@@ -324,3 +326,8 @@ class MemoryManager:
 
     def stats(self) -> dict[str, Any]:
         return dict(self.counters)
+
+
+def _is_device_oom(error: BaseException) -> bool:
+    """A device out-of-memory error, raw or as the store reports it (a `CacheMemoryError` caused by one)."""
+    return isinstance(error, torch.OutOfMemoryError) or isinstance(error.__cause__, torch.OutOfMemoryError)

@@ -99,7 +99,7 @@ class Worker:
             self.ref.truncate(seq, keep)
 
     def read(self) -> None:
-        """Read a sequence (the returned views may be overwritten by another thread's read: see the xfail test)."""
+        """Read a sequence (each thread reads into its own workspace, so no other thread overwrites the views)."""
         seq = self.own()
         if seq is not None and self.ref.seqs[seq].num_tokens:
             keys, _ = self.store.read([seq], self.rng.randrange(self.spec.num_layers))

@@ -299,7 +299,6 @@ def damage(subject: StoreUnderTest, before: list[Any], act: Callable[[Any], obje
 
 
 PARTIAL = "BUG: an allocation failing inside this operation leaves it half done (blocks taken, seals or cuts made)"
-RAW = "BUG: a torch.OutOfMemoryError inside a store operation escapes as is (only pool construction converts it)"
 
 
 def marked(reason: str, names: list[str]) -> list[Any]:
@@ -316,7 +315,7 @@ def test_an_oom_anywhere_inside_a_store_operation_changes_nothing(name: str, mon
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("name", marked(RAW, list(OPERATIONS)))
+@pytest.mark.parametrize("name", list(OPERATIONS))
 def test_an_oom_anywhere_inside_a_store_operation_is_a_memory_error_naming_the_setting(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,7 +1,6 @@
 """Minimal programs for the bugs the generated tests found, shrunk to a few calls each.
 
-Each is `xfail(strict=True)` while the bug stands: the suite stays green, and the test turns red (XPASS) the day the
-bug is fixed, to be unmarked then (and the machine's matching restriction lifted).
+They were `xfail(strict=True)` while the bugs stood; the bugs are fixed and each program now guards its fix.
 """
 
 from __future__ import annotations
