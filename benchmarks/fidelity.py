@@ -3,7 +3,7 @@
 Perplexity per byte on held-out code decoded through each cache, greedy agreement with the full cache, needle
 retrieval accuracy per context length and depth, and bytes per token seen; plus a PNG of quality against memory.
 
-Run: python benchmarks/fidelity.py [--quick] [--out benchmarks/results/fidelity.txt]
+Run: python benchmarks/fidelity.py [--quick] [--first-seed N] [--out benchmarks/results/fidelity.txt]
                                    [--plot benchmarks/results/fidelity.png]
 """
 
@@ -13,6 +13,7 @@ import argparse
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,8 +28,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("--plot", default=None)
+    parser.add_argument("--first-seed", type=int, default=0, help="needle seeds; eviction was tuned on >= 100")
     args = parser.parse_args()
-    plan = QUICK_PLAN if args.quick else FidelityPlan()
+    plan = replace(QUICK_PLAN if args.quick else FidelityPlan(), first_seed=args.first_seed)
     start = time.perf_counter()
     rows = evaluate(load_reference_model(), default_configs(), plan, lambda name: print(f"  {name}", flush=True))
     cells = list(rows[0].needles)
