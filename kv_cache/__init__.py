@@ -8,7 +8,14 @@ from kv_cache.block_format import BlockFormat
 from kv_cache.block_pool import BlockPool
 from kv_cache.block_table import BlockTable
 from kv_cache.config import CacheMode, CacheStrategy, KVCacheConfig
-from kv_cache.devices import available_devices, get_device_info, resolve_device
+from kv_cache.devices import (
+    available_devices,
+    enable_speed_settings,
+    get_device_info,
+    resolve_device,
+    safe_device_transfer,
+    speed_settings,
+)
 from kv_cache.engine import EngineConfig, KVCacheEngine, SamplingParams, UltraAdaptiveKVCacheEngine
 from kv_cache.errors import CacheDeviceError, CacheError, CacheMemoryError, CacheValidationError
 from kv_cache.hf_cache import KVCache
@@ -30,6 +37,7 @@ from kv_cache.seed_api import (
     create_eviction_strategy,
 )
 from kv_cache.stats import CacheStatsTracker
+from kv_cache.tensors import calculate_tensor_memory_mb, format_memory_size, get_tensor_info, validate_tensor_shapes
 
 __version__ = "0.1.0"
 
@@ -68,8 +76,15 @@ __all__ = [
     "SamplingParams",
     "UltraAdaptiveKVCacheEngine",
     "available_devices",
+    "calculate_tensor_memory_mb",
     "create_eviction_strategy",
+    "enable_speed_settings",
+    "format_memory_size",
     "get_device_info",
+    "get_tensor_info",
     "make_policy",
     "resolve_device",
+    "safe_device_transfer",
+    "speed_settings",
+    "validate_tensor_shapes",
 ]

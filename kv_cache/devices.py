@@ -5,9 +5,11 @@ Nothing here runs at import time; CUDA and MPS are only queried when a spec is r
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from kv_cache.errors import CacheDeviceError
+from kv_cache.errors import CacheDeviceError, CacheValidationError
 
 
 def available_devices() -> list[str]:
@@ -73,3 +75,53 @@ def get_device_info(spec: str | torch.device = "auto") -> dict[str, object]:
     elif device.type == "mps":
         info["name"] = "Apple MPS"
     return info
+
+
+def speed_settings() -> dict[str, bool]:
+    """The process-wide torch settings that trade exactness for speed, as they are now.
+
+    `tf32_matmul` / `tf32_conv`: fp32 matmuls / cuDNN convolutions may run in TF32 on Ampere and later GPUs
+    (10-bit mantissa); `cudnn_benchmark`: cuDNN autotunes its algorithms (not deterministic). PyTorch's defaults:
+    False, True, False.
+    """
+    matmul, conv = _tf32_flags()
+    return {"tf32_matmul": matmul, "tf32_conv": conv, "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
+
+
+def enable_speed_settings(tf32: bool = True, cudnn_benchmark: bool = True) -> dict[str, bool]:
+    """Opt in to TF32 (fp32 matmuls and cuDNN) and cuDNN autotuning for the whole process; returns
+    `speed_settings()` after the change. kv_cache never changes these on import or behind a config: this call is
+    the only switch, and every cache's `get_stats()["speed_settings"]` reports the current values. Note that
+    PyTorch itself allows TF32 in cuDNN convolutions by default; `tf32=False` turns that off too."""
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    return speed_settings()
+
+
+def _tf32_flags() -> tuple[bool, bool]:
+    """Whether fp32 matmuls and cuDNN may use TF32. Read through torch's legacy flags (what
+    `enable_speed_settings` sets); a process that mixed them with the per-backend `fp32_precision` API makes
+    those raise, and then the per-backend values answer."""
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32), bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        backends: Any = torch.backends
+        return backends.cuda.matmul.fp32_precision == "tf32", backends.cudnn.conv.fp32_precision == "tf32"
+
+
+def safe_device_transfer(tensor: torch.Tensor, device: str | torch.device, non_blocking: bool = True) -> torch.Tensor:
+    """`tensor` on `device` (resolved like a config's device: "auto", "cuda:1", ...); the same tensor if it is
+    there already.
+
+    The copy is asynchronous only where that is safe: host-to-device from pinned memory (the host buffer stays
+    alive in the returned tensor's stream order). Device-to-host copies are synchronous, because a non-blocking
+    one returns before the bytes land and a host read would see garbage.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise CacheValidationError(f"tensor must be a torch.Tensor; got {type(tensor).__name__}")
+    target = resolve_device(device)
+    if tensor.device == target:
+        return tensor
+    asynchronous = non_blocking and tensor.device.type == "cpu" and tensor.is_pinned() and target.type == "cuda"
+    return tensor.to(target, non_blocking=asynchronous)

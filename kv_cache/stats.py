@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from kv_cache.devices import speed_settings
 from kv_cache.errors import CacheDeviceError, CacheError, CacheMemoryError, CacheValidationError
 from kv_cache.kv_store import KVStore
 from kv_cache.profiler import Profiler
@@ -358,10 +359,12 @@ def build_stats(
     include_quantization_error: bool = False,
 ) -> dict[str, Any]:
     """The dict `get_stats` returns: the store's gauges, the tracker's counters, gauges and families,
-    `hit_rate`, `profiling`, and optionally `history` and `quantization_error`."""
+    `hit_rate`, `profiling`, `speed_settings` (`devices.speed_settings`: TF32, cuDNN autotuning), and optionally
+    `history` and `quantization_error`."""
     stats: dict[str, Any] = store_gauges(store)
     stats.update(tracker.get_stats(include_history))
     stats["profiling"] = profiler.summary() if profiler.enabled else {}
+    stats["speed_settings"] = speed_settings()
     if include_quantization_error:
         stats["quantization_error"] = quantization_error(store)
     return stats

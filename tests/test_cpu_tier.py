@@ -85,6 +85,15 @@ def test_host_pools_are_pinned_only_with_cuda() -> None:
         BlockPool(fmt, 2, torch.device("meta"), pin_memory=True)
 
 
+def test_pin_memory_false_keeps_plain_host_memory_and_says_so() -> None:
+    tier = CpuTier([FORMATS["fp32"]], [2], DEVICE, pin_memory=False)
+    assert tier.stats()["pinned"] is False and "pin_memory=False" in tier.stats()["pinned_reason"]
+    with pytest.raises(CacheValidationError, match="pin_memory='yes' must be True or False"):
+        CpuTier([FORMATS["fp32"]], [2], DEVICE, pin_memory="yes")  # type: ignore[arg-type]
+    with pytest.raises(CacheValidationError, match="pin_memory=1 must be True or False"):
+        EngineConfig(pin_memory=1)  # type: ignore[arg-type]
+
+
 def test_tier_size_from_mib_splits_by_pool_size() -> None:
     dense, sealed = BlockPool(FORMATS["fp32"], 8, DEVICE), BlockPool(FORMATS["int4"], 24, DEVICE)
     counts = host_blocks_per_format([dense, sealed], None, memory_mb=0.05)

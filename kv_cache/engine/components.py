@@ -55,4 +55,4 @@ def make_tier(store: KVStore, config: EngineConfig) -> CpuTier | None:
         return None
     pools = [pool for pool in (store.pool, store.quantized_pool) if pool is not None]
     counts = host_blocks_per_format(pools, config.cpu_tier_blocks, config.cpu_tier_mb)
-    return CpuTier([pool.block_format for pool in pools], counts, pools[0].device)
+    return CpuTier([pool.block_format for pool in pools], counts, pools[0].device, config.pin_memory)

@@ -67,6 +67,8 @@ class EngineConfig:
         cpu_tier_blocks: blocks of each of the store's formats in the host (CPU) tier; None: no block count.
         cpu_tier_mb: alternatively, MiB of host memory for the tier (split over the store's pools by their size).
             With neither set there is no CPU tier: no swap, no demotion of cold prefix blocks.
+        pin_memory: page-lock the CPU tier so its copies are asynchronous; takes effect only with a CUDA device
+            (`get_stats()["cpu_tier"]["pinned"]` is False otherwise, with `pinned_reason`).
         oom_retries: retries of a step after `torch.OutOfMemoryError` (each after freeing cached blocks and
             emptying the CUDA allocator's cache) before `CacheMemoryError`.
         namespace: mixed into every block hash: requests of different namespaces (tenants, weight versions)
@@ -89,6 +91,7 @@ class EngineConfig:
     preemption_mode: PreemptionMode = PreemptionMode.RECOMPUTE
     cpu_tier_blocks: int | None = None
     cpu_tier_mb: float | None = None
+    pin_memory: bool = True
     oom_retries: int = 3
     namespace: str = "default"
     invariant_check: InvariantCheck = InvariantCheck.IDLE
@@ -107,6 +110,8 @@ class EngineConfig:
         self.invariant_check = _parse_enum("invariant_check", InvariantCheck, self.invariant_check)
         if not isinstance(self.namespace, str):
             raise CacheValidationError(f"namespace={self.namespace!r} must be a string")
+        if not isinstance(self.pin_memory, bool):
+            raise CacheValidationError(f"pin_memory={self.pin_memory!r} must be True or False")
         if self.cpu_tier_blocks is not None:
             _check_int("cpu_tier_blocks", self.cpu_tier_blocks, 1)
         if self.cpu_tier_mb is not None:

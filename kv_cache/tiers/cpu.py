@@ -16,7 +16,7 @@ On CUDA the host pools are pinned and the copies run on a side stream that first
 (the blocks' bytes are written, and any kernel still reading a block about to be overwritten has run); the
 compute stream then waits for the side stream, so nothing reuses a block before its copy finished (the race of
 sglang#35049) and the host thread never blocks. Without CUDA the host pools are plain memory and the copies are
-synchronous (`stats()["pinned"]` is False and says why).
+synchronous (`stats()["pinned"]` is False and says why); `pin_memory=False` asks for that on CUDA too.
 """
 
 from __future__ import annotations
@@ -51,13 +51,24 @@ class CpuTier:
         formats: the block formats to hold (one host pool each), e.g. `[store.pool.block_format]`.
         num_blocks: host blocks per format, same order.
         device: the device the device pools live on (decides pinning and the side stream).
+        pin_memory: page-lock the host pools (and copy on a side stream); only possible with a CUDA device, and
+            `stats()` says why when the pools are not pinned.
     """
 
-    def __init__(self, formats: Sequence[BlockFormat], num_blocks: Sequence[int], device: torch.device) -> None:
+    def __init__(
+        self,
+        formats: Sequence[BlockFormat],
+        num_blocks: Sequence[int],
+        device: torch.device,
+        pin_memory: bool = True,
+    ) -> None:
         if len(formats) != len(num_blocks) or not formats:
             raise CacheValidationError(f"CpuTier needs one block count per format; got {len(num_blocks)} counts")
+        if not isinstance(pin_memory, bool):
+            raise CacheValidationError(f"pin_memory={pin_memory!r} must be True or False")
         self.device = device
-        self.pinned = device.type == "cuda"
+        self.pin_memory = pin_memory
+        self.pinned = pin_memory and device.type == "cuda"
         self._stream = torch.cuda.Stream(device) if self.pinned else None
         self._pools = {
             fmt: BlockPool(fmt, count, torch.device("cpu"), "cpu_tier_blocks (or cpu_tier_mb)", pin_memory=self.pinned)
@@ -134,7 +145,9 @@ class CpuTier:
             "memory_mb": sum(p.memory_bytes for p in pools) / 2**20,
             **self.counters,
         }
-        if not self.pinned:
+        if not self.pin_memory:
+            out["pinned_reason"] = "pin_memory=False: plain host memory, synchronous copies"
+        elif not self.pinned:
             out["pinned_reason"] = "no CUDA device: plain host memory, synchronous copies"
         return out
 
