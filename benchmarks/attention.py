@@ -250,11 +250,10 @@ def _variants(fmt: str, base: triton_attention.KernelConfig) -> list[tuple[dict,
     if fmt not in BITS:
         changes = [{}, {"num_stages": 3}, {"tail_splits": base.tail_splits * 2}, {"tile_n": 128}]
         return [(change, QBLOCK) for change in changes]
-    other_warps = 4 if base.num_warps == 8 else 8
-    changes = [{}, {"num_warps": other_warps}, {"num_stages": 1}, {"num_stages": 3}]
-    changes += [{"quant_splits": base.quant_splits * 2}, {"num_warps": other_warps, "num_stages": 3}]
+    changes = [{}, {"num_stages": 3}, {"quant_splits": base.quant_splits * 2}]
+    changes += [{"quant_splits": max(1, base.quant_splits * 2 // 3)}, {"tile_n": 32}]
     variants = [(change, QBLOCK) for change in changes]
-    return [*variants, ({}, 128), ({"num_warps": other_warps}, 128)] if fmt == "int4" else variants
+    return [*variants, ({}, 128)] if fmt == "int4" else variants
 
 
 def profile(device: str) -> None:

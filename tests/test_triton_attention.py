@@ -149,6 +149,18 @@ def test_more_splits_than_tiles(triton_attention: ModuleType, fmt: str) -> None:
     torch.testing.assert_close(output, expected, atol=TOLERANCE[fmt], rtol=TOLERANCE[fmt])
 
 
+def test_quantized_decode_config(triton_attention: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quantized decode runs one-warp programs over the GQA group's rows, and never more splits than the reduce
+    kernel's tile was sized for, however many multiprocessors and blocks there are."""
+    case = make_case(triton_spec("int4", "decode", 4, "several"), BACKEND.device)
+    wide = torch.zeros((case.kv.batch, 4096), dtype=torch.int32)
+    kv = replace(case.kv, quantized=replace(case.kv.quantized, block_table=wide))
+    monkeypatch.setattr(triton_attention, "_multiprocessors", lambda device: 10_000)
+    config = triton_attention.choose_config(case.query, kv)
+    assert (config.block_m, config.num_warps, config.tile_n) == (4, 1, 16)
+    assert config.quant_splits == triton_attention.MAX_QUANT_SPLITS
+
+
 def test_prefill_spanning_query_tiles(triton_attention: ModuleType) -> None:
     """q_len 20 with a group of 4 fills two 64-row query tiles."""
     spec = replace(triton_spec("int4", "prefill", 4, "several"), q_len=20)

@@ -31,6 +31,12 @@ from kv_cache.errors import CacheValidationError
 LOG2_E = 1.4426950408889634
 PROGRAMS_PER_SM = 4  # split until the grid has about this many programs per multiprocessor
 MIN_TILES_PER_SPLIT = 2
+# Decode over quantized blocks: one warp per program over 16-token tiles, just the GQA group's rows (the dot pads
+# M to 16 inside the instruction), so nothing crosses warps; as many warps per multiprocessor as 4 programs of 4.
+SMALL_TILE_ROWS = 4
+SMALL_TILE_TOKENS = 16
+SMALL_PROGRAMS_PER_SM = 16
+MAX_QUANT_SPLITS = 128  # keeps the reduce kernel's tile of splits (the next power of two) at <= 256 rows
 
 
 @dataclass(frozen=True)
@@ -210,24 +216,29 @@ def choose_config(query: torch.Tensor, kv: PagedKV) -> KernelConfig:
 
     query: `[batch, q_heads, q_len, head_dim]`. Row tiles stay at 16 rows where bigger ones spill registers
     (quantized blocks, fp32 caches; checked with the sm_90 compiler's resource report), else up to 64 rows.
+    Quantized tiles of <= 4 rows (decode with GQA groups <= 4) take one warp each (see the constants above):
+    at INT4, B=8, T=16k that measured 105 us against 173 us for 16-row tiles over 4 warps (attention_notes.md).
     """
     batch, q_heads, q_len, _ = query.shape
     group_pad = triton.next_power_of_2(q_heads // kv.kv_heads)
     fp32 = kv.key_cache.dtype == torch.float32
-    max_rows = 16 if kv.quantized is not None or fp32 else 64
-    block_m = max(16, min(group_pad * triton.next_power_of_2(q_len), max(max_rows, group_pad)))
+    quantized = kv.quantized is not None
+    min_rows = SMALL_TILE_ROWS if quantized else 16
+    max_rows = 16 if quantized or fp32 else 64
+    block_m = max(min_rows, min(group_pad * triton.next_power_of_2(q_len), max(max_rows, group_pad)))
+    small = quantized and block_m <= SMALL_TILE_ROWS
+    num_warps = 1 if small else 8 if block_m >= 64 or fp32 else 4
+    per_sm = SMALL_PROGRAMS_PER_SM if small else PROGRAMS_PER_SM
     query_tiles = math.ceil(q_len / (block_m // group_pad))
-    wanted = math.ceil(PROGRAMS_PER_SM * _multiprocessors(query.device) / (batch * kv.kv_heads * query_tiles))
-    tile_n = 64 if kv.block_table.shape[1] * kv.block_size > 64 and not fp32 else 32
+    wanted = math.ceil(per_sm * _multiprocessors(query.device) / (batch * kv.kv_heads * query_tiles))
+    tile_n = SMALL_TILE_TOKENS if small else 64 if kv.block_table.shape[1] * kv.block_size > 64 and not fp32 else 32
     tail_tiles = math.ceil(kv.block_table.shape[1] * kv.block_size / tile_n)
     tail_splits = max(1, min(wanted, math.ceil(tail_tiles / MIN_TILES_PER_SPLIT)))
     quant_splits = 0
     if kv.quantized is not None:
-        quant_splits = max(1, min(wanted, math.ceil(kv.quantized.block_table.shape[1] / MIN_TILES_PER_SPLIT)))
+        blocks = kv.quantized.block_table.shape[1]
+        quant_splits = max(1, min(wanted, MAX_QUANT_SPLITS, math.ceil(blocks / MIN_TILES_PER_SPLIT)))
         tail_splits = max(1, min(tail_splits, math.ceil(tail_tiles / 4)))  # the tail is short: few splits
-    # 4 warps for decode tiles, quantized ones included (measured on the H100: INT4 at B=8, T=16k takes 173 us
-    # with 4 warps, 241 us with 8); 8 where 64-row tiles or fp32 would spill.
-    num_warps = 8 if block_m >= 64 or fp32 else 4
     return KernelConfig(block_m, tile_n, quant_splits, tail_splits, num_warps=num_warps)
 
 

@@ -2,7 +2,7 @@
 
 One kernel serves decode and prefill. A program owns one (sequence, KV head), one split of the cached tokens and
 one tile of query rows. The rows of a tile are the GQA group's query heads times a few query tokens, packed into
-the M dimension of `tl.dot` (padded to >= 16 rows), so each KV head's bytes are read once per tile:
+the M dimension of `tl.dot` (the instruction pads M to 16), so each KV head's bytes are read once per tile:
 
     row r  ->  head h = r % GROUP_PAD of the KV head's group,  query token i = tile * TOKENS + r // GROUP_PAD
                (TOKENS = BLOCK_M // GROUP_PAD query tokens per tile; rows with h >= GROUP or i >= q_len are padding)
@@ -12,12 +12,15 @@ reduce kernel merges the splits with their log-sum-exp (a split that saw nothing
 weighted 0, never `exp(-inf - -inf)`). With one split the program writes the output directly. A second pass
 (MODE_MASS) re-scores with the final log-sum-exp and adds each token's softmax weight into the mass.
 
-Quantized blocks (a tile is one block: its keys share one scale/zero per channel):
-- keys, per channel c: q . (code * s + z) = (q * s) . code + q . z, so q is scaled per block and the dot reads
-  the raw codes (exact in fp16); q . z is a per-row bias.
+Quantized blocks (keys share one scale/zero per channel over a block; a block is read in tiles of QTILE tokens,
+unrolled, so that one warp holds a tile and no tensor crosses warps):
+- keys, per channel c: q . (code * s + z) = (q * s) . (code + 1024) + (q . z - 1024 sum(q * s)), so q is scaled
+  once per block, the dot reads the codes as the fp16 1024 + code (exact; one `prmt` per two codes), and the
+  rest is a per-row bias.
 - values, per token n and channel group g: sum_n p[n] (code * s + z) = sum_n (p[n] s[n, g]) code + sum_n p[n] z[n, g],
-  so p is scaled per group before the dot; the channels go in chunks (<= 4) that each lie in one group and one
-  packed part, each with its own accumulator.
+  so p is scaled per group before the dot (codes exact in fp16, the 1024 subtracted) and the rest is a per-row
+  term; the channels go in chunks (<= 4) that each lie in one group and one packed part, each with its own
+  accumulator.
 - split-half packing: channel c sits in byte c % P at bit (c // P) * BITS (P = packed bytes per row), so part k
   (channels k * P ..) is one uint8 tile shifted by the constant k * BITS: no per-element shifts, no interleave.
 Scores are kept in the log2 domain (scaled by softmax_scale * log2(e)) so the kernel uses exp2.
@@ -118,25 +121,28 @@ def _query_part(q_rows, row_ok, PART: tl.constexpr, WIDTH: tl.constexpr):
 
 @triton.jit
 def _codes(Codes, token_row, FIRST_BYTE: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr,
-    WIDTH: tl.constexpr, PACKED: tl.constexpr):
-    """Codes [tokens, WIDTH] as fp16: bits SHIFT.. of bytes FIRST_BYTE.. of each token's row (split-half layout)."""
+    WIDTH: tl.constexpr, PACKED: tl.constexpr, OFFSET: tl.constexpr):
+    """Codes + OFFSET [tokens, WIDTH] fp16 (OFFSET 0 or 1024): bits SHIFT.. of bytes FIRST_BYTE.. of each
+    token's row (split-half layout)."""
     packed = tl.load(Codes + token_row[:, None] * PACKED + FIRST_BYTE + tl.arange(0, WIDTH)[None, :])
     if INTERPRETED:  # Triton's interpreter cannot run PTX: the same conversion in plain Triton
         if BITS < 8:
             packed = (packed >> SHIFT) & ((1 << BITS) - 1)
-        return packed.to(tl.float16)
-    return _codes_to_fp16(packed, SHIFT, BITS)
+        return packed.to(tl.float16) + OFFSET
+    return _codes_to_fp16(packed, SHIFT, BITS, OFFSET)
 
 
 @triton.jit
-def _codes_to_fp16(packed, SHIFT: tl.constexpr, BITS: tl.constexpr):
-    """Bits SHIFT .. SHIFT + BITS of each uint8 as fp16, four bytes per 32-bit register (PTX).
+def _codes_to_fp16(packed, SHIFT: tl.constexpr, BITS: tl.constexpr, OFFSET: tl.constexpr):
+    """Bits SHIFT .. SHIFT + BITS of each uint8, plus OFFSET (0 or 1024), as fp16, four bytes per call (PTX).
 
     `prmt` places each code byte under the exponent byte 0x64: the fp16 0x64cc is exactly 1024 + cc, so two
     codes become an fp16 pair in one instruction (no int-to-float conversion, slow on Hopper); `sub.f16x2`
-    removes the 1024 exactly. Shifting the whole word and masking each byte extracts a field of every byte at once.
+    removes the 1024 exactly where the caller does not fold it into a bias (OFFSET 0). Shifting the whole word
+    and masking each byte extracts a field of every byte at once.
     """
     MASK: tl.constexpr = ((1 << BITS) - 1) * 0x01010101
+    SUB: tl.constexpr = "sub.f16x2 $0, $0, bias; sub.f16x2 $1, $1, bias;" if OFFSET == 0 else ""
     return tl.inline_asm_elementwise(
         asm=f"""{{
         .reg .b32 w, exponent, bias;
@@ -146,8 +152,7 @@ def _codes_to_fp16(packed, SHIFT: tl.constexpr, BITS: tl.constexpr):
         mov.b32 bias, 0x64006400;
         prmt.b32 $0, w, exponent, 0x4140;
         prmt.b32 $1, w, exponent, 0x4342;
-        sub.f16x2 $0, $0, bias;
-        sub.f16x2 $1, $1, bias;
+        {SUB}
         }}""",
         constraints="=r,=r,r",
         args=[packed],
@@ -158,42 +163,60 @@ def _codes_to_fp16(packed, SHIFT: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _key_part(q_part, KCodes, KScale, KZero, token_row, stats, PART: tl.constexpr, BITS: tl.constexpr,
-    PACKED: tl.constexpr):
-    """Keys of channels PART * PACKED ..: ((q * scale) . codes [rows, tokens], q . zero [rows]) fp32."""
-    codes = _codes(KCodes, token_row, 0, PART * BITS, BITS, PACKED, PACKED)
+def _scaled_query(q_part, KScale, KZero, stats, PART: tl.constexpr, PACKED: tl.constexpr):
+    """A block's keys of channels PART * PACKED .. act as (code + 1024) * s + (z - 1024 s): returns q * s
+    [rows, PACKED] fp16 and the bias q . z - 1024 * sum(q * s) [rows] fp32 (of the fp16 q * s, so it cancels
+    exactly what the dot adds)."""
     channel = PART * PACKED + tl.arange(0, PACKED)
     scale = tl.load(KScale + stats + channel).to(tl.float32)
     zero = tl.load(KZero + stats + channel).to(tl.float32)
     scaled = (q_part * scale[None, :]).to(tl.float16)
-    return tl.dot(scaled, tl.trans(codes)), tl.sum(q_part * zero[None, :], axis=1)
+    return scaled, tl.sum(q_part * zero[None, :] - 1024.0 * scaled.to(tl.float32), axis=1)
 
 
 @triton.jit
-def _quant_scores(q0, q1, q2, q3, KCodes, KScale, KZero, block, token_row, index, pos, kv_head, kv_heads, qk_scale,
-    window, sinks, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Masked log2 scores [rows, QBLOCK] of one quantized block; q0..q3 are the query's parts (8 // BITS used)."""
+def _quant_scores(k0, k1, k2, k3, bias, KCodes, token_row, index, pos, qk_scale, window, sinks, BITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Masked log2 scores [rows, tokens] of a tile of one quantized block, from its scaled query parts k0..k3
+    (`_scaled_query`, 8 // BITS used) and their summed bias [rows]."""
     PACKED: tl.constexpr = HEAD_DIM * BITS // 8
-    stats = (block * kv_heads + kv_head) * HEAD_DIM
-    s, bias = _key_part(q0, KCodes, KScale, KZero, token_row, stats, 0, BITS, PACKED)
+    s = tl.dot(k0, tl.trans(_codes(KCodes, token_row, 0, 0, BITS, PACKED, PACKED, 1024)))
     if BITS < 8:
-        s_1, bias_1 = _key_part(q1, KCodes, KScale, KZero, token_row, stats, 1, BITS, PACKED)
-        s, bias = s + s_1, bias + bias_1
+        s = tl.dot(k1, tl.trans(_codes(KCodes, token_row, 0, BITS, BITS, PACKED, PACKED, 1024)), s)
     if BITS < 4:
-        s_2, bias_2 = _key_part(q2, KCodes, KScale, KZero, token_row, stats, 2, BITS, PACKED)
-        s_3, bias_3 = _key_part(q3, KCodes, KScale, KZero, token_row, stats, 3, BITS, PACKED)
-        s, bias = s + s_2 + s_3, bias + bias_2 + bias_3
+        s = tl.dot(k2, tl.trans(_codes(KCodes, token_row, 0, 2 * BITS, BITS, PACKED, PACKED, 1024)), s)
+        s = tl.dot(k3, tl.trans(_codes(KCodes, token_row, 0, 3 * BITS, BITS, PACKED, PACKED, 1024)), s)
     s = (s + bias[:, None]) * qk_scale
     return tl.where(_visible(index, pos, window, sinks, HAS_WINDOW), s, float("-inf"))
 
 
 @triton.jit
+def _block_keys(q0, q1, q2, q3, KScale, KZero, block, kv_head, kv_heads, BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The query parts q0..q3 [rows, PACKED] fp32 scaled for one quantized block's keys: k0..k3 [rows, PACKED]
+    fp16 and their summed bias [rows] fp32 (see `_scaled_query`)."""
+    PACKED: tl.constexpr = HEAD_DIM * BITS // 8
+    stats = (block * kv_heads + kv_head) * HEAD_DIM
+    k0, bias = _scaled_query(q0, KScale, KZero, stats, 0, PACKED)
+    k1 = k0
+    k2 = k0
+    k3 = k0
+    if BITS < 8:
+        k1, bias_1 = _scaled_query(q1, KScale, KZero, stats, 1, PACKED)
+        bias += bias_1
+    if BITS < 4:
+        k2, bias_2 = _scaled_query(q2, KScale, KZero, stats, 2, PACKED)
+        k3, bias_3 = _scaled_query(q3, KScale, KZero, stats, 3, PACKED)
+        bias += bias_2 + bias_3
+    return k0, k1, k2, k3, bias
+
+
+@triton.jit
 def _value_chunk(p, VCodes, VScale, VZero, token_row, CHUNK: tl.constexpr, BITS: tl.constexpr,
     HEAD_DIM: tl.constexpr, VGROUP: tl.constexpr, VCHUNK: tl.constexpr):
-    """p [rows, tokens] times the block's values of channels CHUNK * VCHUNK .. (one part, one group): [rows, VCHUNK]."""
+    """p [rows, tokens] times the tile's values of channels CHUNK * VCHUNK .. (one part, one group): [rows, VCHUNK]."""
     PACKED: tl.constexpr = HEAD_DIM * BITS // 8
     FIRST: tl.constexpr = CHUNK * VCHUNK
-    codes = _codes(VCodes, token_row, FIRST % PACKED, (FIRST // PACKED) * BITS, BITS, VCHUNK, PACKED)
+    codes = _codes(VCodes, token_row, FIRST % PACKED, (FIRST // PACKED) * BITS, BITS, VCHUNK, PACKED, 0)
     stats = token_row * (HEAD_DIM // VGROUP) + FIRST // VGROUP
     scale = tl.load(VScale + stats).to(tl.float32)
     zero = tl.load(VZero + stats).to(tl.float32)
@@ -203,9 +226,10 @@ def _value_chunk(p, VCodes, VScale, VZero, token_row, CHUNK: tl.constexpr, BITS:
 
 @triton.jit
 def _attend_quant(q0, q1, q2, q3, KCodes, KScale, KZero, VCodes, VScale, VZero, QTable, kv_head, kv_heads, pos, lo,
-    hi, qk_scale, window, sinks, BLOCK_M: tl.constexpr, QBLOCK: tl.constexpr, BITS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, VGROUP: tl.constexpr, VCHUNK: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Online softmax over quantized blocks [lo, hi): (max, sum) [rows] and acc0..acc3 [rows, VCHUNK] fp32.
+    hi, qk_scale, window, sinks, BLOCK_M: tl.constexpr, QBLOCK: tl.constexpr, QTILE: tl.constexpr,
+    BITS: tl.constexpr, HEAD_DIM: tl.constexpr, VGROUP: tl.constexpr, VCHUNK: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Online softmax over quantized blocks [lo, hi), in tiles of QTILE tokens: (max, sum) [rows] and acc0..acc3
+    [rows, VCHUNK] fp32.
 
     Values are accumulated per chunk of VCHUNK channels, each within one packed part and one scale group
     (HEAD_DIM // VCHUNK <= 4 chunks; unused accumulators stay zero and are dropped by the compiler).
@@ -217,23 +241,27 @@ def _attend_quant(q0, q1, q2, q3, KCodes, KScale, KZero, VCodes, VScale, VZero, 
     acc1 = tl.zeros((BLOCK_M, VCHUNK), tl.float32)
     acc2 = tl.zeros((BLOCK_M, VCHUNK), tl.float32)
     acc3 = tl.zeros((BLOCK_M, VCHUNK), tl.float32)
-    n = tl.arange(0, QBLOCK)
     for j in range(lo, hi):
         block = tl.load(QTable + j).to(tl.int64)
-        token_row = (block * QBLOCK + n) * kv_heads + kv_head
-        s = _quant_scores(q0, q1, q2, q3, KCodes, KScale, KZero, block, token_row, j * QBLOCK + n, pos, kv_head,
-            kv_heads, qk_scale, window, sinks, BITS, HEAD_DIM, HAS_WINDOW)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
-        acc0 = acc0 * alpha[:, None] + _value_chunk(p, VCodes, VScale, VZero, token_row, 0, BITS, HEAD_DIM, VGROUP,
-            VCHUNK)
-        if CHUNKS > 1:
-            acc1 = acc1 * alpha[:, None] + _value_chunk(p, VCodes, VScale, VZero, token_row, 1, BITS, HEAD_DIM,
+        k0, k1, k2, k3, bias = _block_keys(q0, q1, q2, q3, KScale, KZero, block, kv_head, kv_heads, BITS, HEAD_DIM)
+        # Unrolled: the loads of all the block's tiles are issued together (a dynamic loop measured 137 us
+        # instead of 105 at INT4, B=8, T=16k: attention_notes.md, run 4).
+        for tile in tl.static_range(QBLOCK // QTILE):
+            n = tile * QTILE + tl.arange(0, QTILE)
+            token_row = (block * QBLOCK + n) * kv_heads + kv_head
+            s = _quant_scores(k0, k1, k2, k3, bias, KCodes, token_row, j * QBLOCK + n, pos, qk_scale, window, sinks,
+                BITS, HEAD_DIM, HAS_WINDOW)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+            acc0 = acc0 * alpha[:, None] + _value_chunk(p, VCodes, VScale, VZero, token_row, 0, BITS, HEAD_DIM,
                 VGROUP, VCHUNK)
-        if CHUNKS > 2:
-            acc2 = acc2 * alpha[:, None] + _value_chunk(p, VCodes, VScale, VZero, token_row, 2, BITS, HEAD_DIM,
-                VGROUP, VCHUNK)
-            acc3 = acc3 * alpha[:, None] + _value_chunk(p, VCodes, VScale, VZero, token_row, 3, BITS, HEAD_DIM,
-                VGROUP, VCHUNK)
+            if CHUNKS > 1:
+                acc1 = acc1 * alpha[:, None] + _value_chunk(p, VCodes, VScale, VZero, token_row, 1, BITS, HEAD_DIM,
+                    VGROUP, VCHUNK)
+            if CHUNKS > 2:
+                acc2 = acc2 * alpha[:, None] + _value_chunk(p, VCodes, VScale, VZero, token_row, 2, BITS, HEAD_DIM,
+                    VGROUP, VCHUNK)
+                acc3 = acc3 * alpha[:, None] + _value_chunk(p, VCodes, VScale, VZero, token_row, 3, BITS, HEAD_DIM,
+                    VGROUP, VCHUNK)
     return m_i, l_i, acc0, acc1, acc2, acc3
 
 
@@ -263,16 +291,18 @@ def _mass_fp(Mass, q, lse, KCache, Table, tail_len, offset, kv_head, kv_heads, p
 @triton.jit
 def _mass_quant(Mass, q0, q1, q2, q3, lse, KCodes, KScale, KZero, QTable, kv_head, kv_heads, pos, lo, hi, qk_scale,
     window, sinks, mass_row, head_ok, inv_q_len, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, QBLOCK: tl.constexpr,
-    BITS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Attention mass of the quantized blocks [lo, hi)."""
-    n = tl.arange(0, QBLOCK)
+    QTILE: tl.constexpr, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Attention mass of the quantized blocks [lo, hi), in tiles of QTILE tokens."""
     for j in range(lo, hi):
         block = tl.load(QTable + j).to(tl.int64)
-        token_row = (block * QBLOCK + n) * kv_heads + kv_head
-        s = _quant_scores(q0, q1, q2, q3, KCodes, KScale, KZero, block, token_row, j * QBLOCK + n, pos, kv_head,
-            kv_heads, qk_scale, window, sinks, BITS, HEAD_DIM, HAS_WINDOW)
-        p = tl.exp2(s - lse[:, None]) * inv_q_len
-        _add_mass(Mass, p, j * QBLOCK + n, n < QBLOCK, mass_row, head_ok, GROUP_PAD, BLOCK_M, QBLOCK)
+        k0, k1, k2, k3, bias = _block_keys(q0, q1, q2, q3, KScale, KZero, block, kv_head, kv_heads, BITS, HEAD_DIM)
+        for tile in tl.static_range(QBLOCK // QTILE):
+            n = tile * QTILE + tl.arange(0, QTILE)
+            token_row = (block * QBLOCK + n) * kv_heads + kv_head
+            s = _quant_scores(k0, k1, k2, k3, bias, KCodes, token_row, j * QBLOCK + n, pos, qk_scale, window, sinks,
+                BITS, HEAD_DIM, HAS_WINDOW)
+            p = tl.exp2(s - lse[:, None]) * inv_q_len
+            _add_mass(Mass, p, j * QBLOCK + n, n < QBLOCK, mass_row, head_ok, GROUP_PAD, BLOCK_M, QTILE)
 
 
 # ------------------------------------------------------------------------------------------------------ stores
@@ -339,8 +369,8 @@ def _tail_program(Out, Lse, Part, Stats, Mass, q_rows, KCache, VCache, Table, ta
 @triton.jit
 def _quant_program(Lse, Part, Stats, Mass, q_rows, KCodes, KScale, KZero, VCodes, VScale, VZero, QTable, quant_len,
     kv_head, kv_heads, pos, last, row, row_ok, mass_row, head_ok, inv_q_len, split, quant_splits, num_splits,
-    qk_scale, window, sinks, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, QBLOCK: tl.constexpr, BITS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, VGROUP: tl.constexpr, VCHUNK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    qk_scale, window, sinks, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, QBLOCK: tl.constexpr, QTILE: tl.constexpr,
+    BITS: tl.constexpr, HEAD_DIM: tl.constexpr, VGROUP: tl.constexpr, VCHUNK: tl.constexpr, HAS_WINDOW: tl.constexpr,
     MODE: tl.constexpr):
     """The work of one split of the quantized blocks (cache indices 0 .. quant_len - 1)."""
     PACKED: tl.constexpr = HEAD_DIM * BITS // 8
@@ -358,11 +388,11 @@ def _quant_program(Lse, Part, Stats, Mass, q_rows, KCodes, KScale, KZero, VCodes
     if MODE == MODE_MASS:
         lse = tl.load(Lse + row, mask=row_ok, other=0.0)
         _mass_quant(Mass, q0, q1, q2, q3, lse, KCodes, KScale, KZero, QTable, kv_head, kv_heads, pos, lo, hi, qk_scale,
-            window, sinks, mass_row, head_ok, inv_q_len, GROUP_PAD, BLOCK_M, QBLOCK, BITS, HEAD_DIM, HAS_WINDOW)
+            window, sinks, mass_row, head_ok, inv_q_len, GROUP_PAD, BLOCK_M, QBLOCK, QTILE, BITS, HEAD_DIM, HAS_WINDOW)
     else:
         m_i, l_i, acc0, acc1, acc2, acc3 = _attend_quant(q0, q1, q2, q3, KCodes, KScale, KZero, VCodes, VScale, VZero,
-            QTable, kv_head, kv_heads, pos, lo, hi, qk_scale, window, sinks, BLOCK_M, QBLOCK, BITS, HEAD_DIM, VGROUP,
-            VCHUNK, HAS_WINDOW)
+            QTable, kv_head, kv_heads, pos, lo, hi, qk_scale, window, sinks, BLOCK_M, QBLOCK, QTILE, BITS, HEAD_DIM,
+            VGROUP, VCHUNK, HAS_WINDOW)
         _store_chunks(Part, Stats, acc0, acc1, acc2, acc3, m_i, l_i, row, row_ok, split, num_splits, HEAD_DIM, VCHUNK)
 
 
@@ -378,6 +408,7 @@ def paged_attention_kernel(Q, Out, Lse, Part, Stats, Mass, KCache, VCache, Table
     kv_head = tl.program_id(0) % kv_heads
     split = tl.program_id(1)
     TOKENS: tl.constexpr = BLOCK_M // GROUP_PAD  # query tokens per tile
+    QTILE: tl.constexpr = TILE_N if TILE_N < QBLOCK else QBLOCK  # tokens per tile of a quantized block
     r = tl.arange(0, BLOCK_M)
     head = r % GROUP_PAD
     token = tl.program_id(2) * TOKENS + r // GROUP_PAD
@@ -402,7 +433,7 @@ def paged_attention_kernel(Q, Out, Lse, Part, Stats, Mass, KCache, VCache, Table
             _quant_program(Lse, Part, Stats, Mass, q_rows, KCodes, KScale, KZero, VCodes, VScale, VZero,
                 QTable + seq.to(tl.int64) * stride_qtable, quant_len, kv_head, kv_heads, pos, last, row, row_ok,
                 mass_row, head_ok, inv_q_len, split, quant_splits, num_splits, qk_scale, window, sinks, GROUP_PAD,
-                BLOCK_M, QBLOCK, BITS, HEAD_DIM, VGROUP, VCHUNK, HAS_WINDOW, MODE)
+                BLOCK_M, QBLOCK, QTILE, BITS, HEAD_DIM, VGROUP, VCHUNK, HAS_WINDOW, MODE)
         else:
             _tail_program(Out, Lse, Part, Stats, Mass, q_rows, KCache, VCache, table, tail_len, quant_len, kv_head,
                 kv_heads, pos, last, row, row_ok, mass_row, head_ok, inv_q_len, split - quant_splits, tail_splits,
