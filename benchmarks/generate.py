@@ -9,17 +9,24 @@ prompt 1024, 128 new tokens (no early stop), all in one run:
     ours bf16      KVCache + kv_cache's paged attention (register_attention)
     ours INT4      KVCache(use_quantization, 4 bits, 128-token full-precision window) + paged attention
     ours INT4 R0   the same without the full-precision window (every whole block sealed)
+    ours INT4 unchecked   ours INT4 with check_finite=False (no device sync per layer; not in the default list)
 
-tokens/s counts new tokens over the whole `generate` call (prefill included), after one warm-up call per method.
+tokens/s counts new tokens over the whole `generate` call (prefill included), after one warm-up call per method;
+"prefill s" times a generate call of one new token, and "decode tok/s" is the other new tokens over the rest.
 KV memory is the bytes of the cache's own tensors (for ours: both block pools, allocated whole up front).
 
 Run (GPU): PYTHONPATH=. python benchmarks/generate.py [--out benchmarks/results/generate_h100.txt]
 Smoke (CPU): python benchmarks/generate.py --hidden 128 --layers 2 --batch 2 --prompt 64 --new 8 --device cpu
+Host profile: --profile "ours bf16,ours INT4" prints, per method, the functions taking the most host time in one
+generate call (cProfile; time blocked in a device sync counts towards the function that syncs).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import sys
 import time
 from collections.abc import Callable
@@ -97,6 +104,28 @@ def timed(method: Callable[..., Run], model: LlamaForCausalLM, inputs: dict[str,
     return time.perf_counter() - start, result
 
 
+def prefill_seconds(
+    name: str, method: Callable[..., Run], model: LlamaForCausalLM, inputs: dict[str, Any]
+) -> float | None:
+    """Seconds of a generate call that makes one token (the prefill and one sampling), or None for the static
+    cache (a shorter generate would size and compile it anew)."""
+    return None if name == "static" else timed(method, model, inputs, 1)[0]
+
+
+def host_profile(method: Callable[..., Run], model: LlamaForCausalLM, inputs: dict[str, Any], new: int) -> str:
+    """The 30 functions with the most host time (own time, cProfile) in one generate call, after a warm-up."""
+    method(model, inputs, new)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    method(model, inputs, new)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    profiler.disable()
+    stream = io.StringIO()
+    pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(30)
+    return stream.getvalue()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, default in (("hidden", 2048), ("layers", 16), ("heads", 32), ("kv-heads", 8), ("batch", 32),
@@ -105,6 +134,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--methods", default="dynamic,static,quanto,ours bf16,ours INT4,ours INT4 R0")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", default="", help="methods to profile on the host (comma-separated)")
     args = parser.parse_args()
     model = build_model(args)
     ids = torch.randint(1, 32000, (args.batch, args.prompt), device=args.device)
@@ -119,11 +149,18 @@ def main() -> None:
         "ours INT4 R0": make_ours(
             KVCacheConfig(max_tokens=max_tokens, use_quantization=True, quantization_bits=4, residual_tokens=0)
         ),
+        # check_finite syncs with the device once per layer and step (it must raise before anything is written)
+        "ours INT4 unchecked": make_ours(
+            KVCacheConfig(max_tokens=max_tokens, use_quantization=True, quantization_bits=4, check_finite=False)
+        ),
     }
     lines = [f"command: python {' '.join(sys.argv)}", f"torch {torch.__version__}, device {args.device}"]
     if torch.cuda.is_available():
         lines.append(f"gpu: {torch.cuda.get_device_name()}")
-    lines.append(f"{'method':<12} {'s':>8} {'tokens/s':>10} {'KV MiB':>10} {'same tokens as dynamic':>24}")
+    lines.append(
+        f"{'method':<12} {'s':>8} {'tokens/s':>10} {'prefill s':>10} {'decode tok/s':>13} {'KV MiB':>10} "
+        f"{'same tokens as dynamic':>24}"
+    )
     results: dict[str, float] = {}
     reference: torch.Tensor | None = None
     for name in args.methods.split(","):
@@ -136,13 +173,21 @@ def main() -> None:
         reference = ids if reference is None else reference
         same = (ids[:, args.prompt :] == reference[:, args.prompt :]).float().mean().item()
         results[name] = args.batch * args.new / seconds
-        lines.append(f"{name:<12} {seconds:>8.2f} {results[name]:>10.1f} {kv_bytes / 2**20:>10.1f} {same:>23.1%}")
+        prefill = prefill_seconds(name, methods[name], model, inputs)
+        split = "-" if prefill is None else f"{prefill:.2f}"
+        decode = "-" if prefill is None else f"{args.batch * (args.new - 1) / (seconds - prefill):.1f}"
+        lines.append(
+            f"{name:<12} {seconds:>8.2f} {results[name]:>10.1f} {split:>10} {decode:>13} {kv_bytes / 2**20:>10.1f} "
+            f"{same:>23.1%}"
+        )
         print(lines[-1], flush=True)
     for name, rate in results.items():
         ratios = ", ".join(f"{rate / results[base]:.2f}x {base}" for base in ("static", "quanto") if base in results)
         lines.append(f"{name:<12} {ratios}")
     text = "\n".join(lines)
     print(text)
+    for name in filter(None, args.profile.split(",")):
+        print(f"host profile of {name}:\n{host_profile(methods[name], model, inputs, args.new)}", flush=True)
     if args.out:
         with open(args.out, "w") as handle:
             handle.write(text + "\n")

@@ -7,9 +7,11 @@ arrive as `[batch, kv_heads, tokens, head_dim]`; `token_rows` flattens them to r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from kv_cache.block_format import BlockFormat, DenseBlocks, QuantizedBlocks
 from kv_cache.block_table import BlockTable, SealBatch, WritePlan
@@ -19,6 +21,9 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 TokenRows = tuple[torch.Tensor, torch.Tensor]
 """Keys and values as `[batch * tokens, kv_heads, head_dim]` rows (`token_rows`)."""
+
+Run = tuple[int, int, int]
+"""`(first, second, tokens)`: index `first + t` pairs with index `second + t` for `t < tokens` (`expand_runs`)."""
 
 
 @dataclass(frozen=True)
@@ -79,30 +84,46 @@ def token_rows(states: torch.Tensor) -> torch.Tensor:
     return states.transpose(1, 2).reshape(batch * tokens, heads, dim)
 
 
+def write_slots(
+    dense: DenseBlocks, slots: list[int], count: int, rows: TokenRows, to_tensor: Callable[[tuple[int, ...]], Tensor]
+) -> None:
+    """Copy `count` new tokens per table from `rows` into consecutive slots from `slots[i]` (table i's first).
+
+    The caller has checked that each run stays inside one full-precision block. `to_tensor` turns slot ids into
+    an int64 tensor on the pool's device (the store caches them: every layer of a decode step writes the same).
+    """
+    if len(slots) == 1:
+        _copy_run(dense, slots[0], count, rows)
+        return
+    # Row `i * count + t` of `rows` goes to slot `slots[i] + t`.
+    flat = tuple(slots) if count == 1 else tuple(slot + t for slot in slots for t in range(count))
+    dense.write(to_tensor(flat), rows[0], rows[1])
+
+
+def _copy_run(dense: DenseBlocks, slot: int, count: int, rows: TokenRows) -> None:
+    """One sequence's `count` tokens into consecutive slots from `slot`: one contiguous copy, no index tensor."""
+    dense.key_slots.narrow(0, slot, count).copy_(rows[0])
+    dense.value_slots.narrow(0, slot, count).copy_(rows[1])
+
+
 def write_dense(dense: DenseBlocks, tables: list[BlockTable], plans: list[WritePlan], rows: TokenRows) -> None:
     """Copy each table's tokens `[plan.dense_from, plan.end)` from `rows` into its full-precision blocks."""
     size = dense.keys.shape[1]
     table, plan = tables[0], plans[0]
     if len(tables) == 1 and plan.dense_from == plan.start and plan.start // size == (plan.end - 1) // size:
-        # One run inside one block: one contiguous copy, no index tensors (the common decode step).
-        slot = table.dense_blocks[plan.start // size] * size + plan.start % size
-        dense.key_slots.narrow(0, slot, plan.end - plan.start).copy_(rows[0])
-        dense.value_slots.narrow(0, slot, plan.end - plan.start).copy_(rows[1])
+        _copy_run(dense, table.dense_blocks[plan.start // size] * size + plan.start % size, plan.end - plan.start, rows)
         return
-    slots: list[int] = []
-    sources: list[int] = []
     per_table = rows[0].shape[0] // len(tables)
+    runs: list[Run] = []
     for index, (table, plan) in enumerate(zip(tables, plans, strict=True)):
-        for position in range(plan.dense_from, plan.end):
-            slots.append(table.dense_blocks[position // size] * size + position % size)
-            sources.append(index * per_table + position - plan.start)
-    if not slots:
+        runs += _slot_runs(table, (plan.dense_from, plan.end), size, index * per_table + plan.dense_from - plan.start)
+    if not runs:
         return
     keys, values = rows
-    if len(sources) != keys.shape[0]:
-        picked = torch.tensor(sources, device=keys.device)
-        keys, values = keys.index_select(0, picked), values.index_select(0, picked)
-    dense.write(torch.tensor(slots, device=keys.device), keys, values)
+    slots, sources = expand_runs(runs, keys.device)
+    if sources.shape[0] != keys.shape[0]:  # some new tokens were sealed instead
+        keys, values = keys.index_select(0, sources), values.index_select(0, sources)
+    dense.write(slots, keys, values)
 
 
 def encode_sealed(
@@ -116,30 +137,52 @@ def encode_sealed(
     Returns what `QuantizedBlocks.store` takes; raises `CacheValidationError` on NaN/Inf before anything is written.
     """
     size = dense.keys.shape[1]
-    from_blocks: tuple[list[int], list[int]] = ([], [])  # (slots of the blocks, rows of the sealed tokens)
-    from_rows: tuple[list[int], list[int]] = ([], [])  # (rows of `rows`, rows of the sealed tokens)
+    from_blocks: list[Run] = []  # (slot of a full-precision block, row of the sealed tokens, tokens)
+    from_rows: list[Run] = []  # (row of `rows`, row of the sealed tokens, tokens)
     target = 0
     for index, (table, plan) in enumerate(zip(seal.tables, seal.plans, strict=True)):
-        batch_row = seal.rows[index] if seal.rows is not None else 0
-        for position in range(plan.sealed, plan.seal_to):
-            if position < plan.start:
-                from_blocks[0].append(table.dense_blocks[position // size] * size + position % size)
-                from_blocks[1].append(target)
-            else:
-                from_rows[0].append(batch_row * (plan.end - plan.start) + position - plan.start)
-                from_rows[1].append(target)
-            target += 1
+        split = min(plan.start, plan.seal_to)  # stored tokens before it, new ones from it
+        from_blocks += _slot_runs(table, (plan.sealed, split), size, target)
+        if split < plan.seal_to:
+            batch_row = seal.rows[index] if seal.rows is not None else 0
+            first_row = batch_row * (plan.end - plan.start) + split - plan.start
+            from_rows.append((first_row, target + split - plan.sealed, plan.seal_to - split))
+        target += plan.seal_to - plan.sealed
     device = dense.keys.device
+    indices = [expand_runs(runs, device) if runs else None for runs in (from_blocks, from_rows)]
     sealed = []
     new_rows = (None, None) if rows is None else rows
     for new, slots in zip(new_rows, (dense.key_slots, dense.value_slots), strict=True):
         tokens = torch.empty(target, *slots.shape[1:], device=device)
-        for source, (src, dst) in ((slots, from_blocks), (new, from_rows)):
-            if src and source is not None:
-                picked = source.index_select(0, torch.tensor(src, device=device)).to(slots.dtype)
-                tokens.index_copy_(0, torch.tensor(dst, device=device), picked.float())
+        for source, pairs in zip((slots, new), indices, strict=True):
+            if pairs is not None and source is not None:
+                tokens.index_copy_(0, pairs[1], source.index_select(0, pairs[0]).to(slots.dtype).float())
         sealed.append(tokens.view(target // size, size, *slots.shape[1:]))
     return storage.encode(sealed[0], sealed[1])
+
+
+def _slot_runs(table: BlockTable, positions: tuple[int, int], size: int, target: int) -> list[Run]:
+    """`(slot, target + position - first, tokens)` for positions `[first, end)` of a table's full-precision
+    blocks of `size` tokens: one run per block."""
+    position, end = positions
+    runs = []
+    while position < end:
+        logical, offset = divmod(position, size)
+        length = min(end - position, size - offset)
+        runs.append((table.dense_blocks[logical] * size + offset, target + position - positions[0], length))
+        position += length
+    return runs
+
+
+def expand_runs(runs: list[Run], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Index pairs of `runs`: `(first + t, second + t)` for `t < tokens` of each run, as two `[sum of tokens]`
+    int64 tensors on `device` (built on the host with a few vector ops, copied to the device once)."""
+    spans = torch.tensor(runs, dtype=torch.long)  # [runs, 3]
+    lengths = spans[:, 2]
+    offsets = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    pairs = torch.repeat_interleave(spans[:, :2], lengths, dim=0).T + offsets
+    firsts, seconds = pairs.to(device)
+    return firsts, seconds
 
 
 def store_sealed(

@@ -27,9 +27,10 @@ import torch
 from kv_cache.attention.paged_kv import PagedKV
 from kv_cache.attention_mass import AttentionMass, compact, token_slots
 from kv_cache.block_format import BlockFormat
-from kv_cache.block_io import StateSpec, check_states, token_rows, write_dense
+from kv_cache.block_io import StateSpec, TokenRows, check_states, token_rows, write_dense, write_slots
 from kv_cache.block_pool import BlockPool
 from kv_cache.block_table import BlockTable, SealBatch, WritePlan, blocks_needed, plan_append
+from kv_cache.block_views import VersionedCache
 from kv_cache.config import CacheMode, CacheStrategy, KVCacheConfig
 from kv_cache.errors import CacheMemoryError, CacheValidationError
 from kv_cache.sealing import Sealer
@@ -78,6 +79,7 @@ class KVStore:
         self._version = 0  # bumped whenever a block id list changes; keys the read side's caches
         self._reads: StoreReads | None = None  # made with the pools
         self._mass: AttentionMass | None = None  # for token eviction by LFU/ADAPTIVE
+        self._slot_tensors: VersionedCache[torch.Tensor] = VersionedCache()  # slot ids -> their device tensor
 
     # ----------------------------------------------------------------------------------------------- setup
     def initialize(
@@ -311,27 +313,71 @@ class KVStore:
                 key, value = key.detach(), value.detach()  # the cache stores values, not autograd history
             if self.pool is None:
                 self.initialize(key.shape[1], key.shape[3], key.dtype, key.device, len(seq_ids))
-            if key.shape[2] == 0:
+            count = key.shape[2]
+            if count == 0:
                 return
             tables = [self._table(s) for s in seq_ids]
-            plans = [self._plan(table, layer, key.shape[2]) for table in tables]
             rows = (token_rows(key), token_rows(value))
-            sealer = self.sealer
-            seals = sealer.plan(tables, plans, layer) if sealer else []
-            self._check_capacity(tables, plans, seals)
-            if seals and sealer:
-                sealer.seal(seals, rows)
-                self._version += 1
-                for table in tables:
-                    self._release_sealed(table)
-            self._allocate_dense(tables, plans)
             assert self.pool is not None
-            write_dense(self.pool.dense(layer), tables, plans, rows)
-            for table, plan in zip(tables, plans, strict=True):
-                table.layer_lengths[layer] = plan.end
+            slots = self._in_place_slots(tables, layer, count)
+            if slots is None:
+                self._append_planned(tables, layer, rows)
+            else:  # the common decode step: the blocks are there, nothing to plan, allocate or seal
+                write_slots(self.pool.dense(layer), slots, count, rows, self._slot_tensor)
+            for table in tables:
+                table.layer_lengths[layer] += count
             if self._mass is not None:  # a new token has received no attention yet
-                for seq_id, plan in zip(seq_ids, plans, strict=True):
-                    self._mass.grow(seq_id, layer, plan.end - plan.start)
+                for seq_id in seq_ids:
+                    self._mass.grow(seq_id, layer, count)
+
+    def _append_planned(self, tables: list[BlockTable], layer: int, rows: TokenRows) -> None:
+        """Write new tokens `rows` (`[batch * tokens, kv_heads, head_dim]`) of `layer` after planning where they
+        go: allocate blocks, copy shared ones, seal what leaves the residual window. Lengths are the caller's."""
+        pool, sealer = self.pool, self.sealer
+        assert pool is not None
+        plans = [self._plan(table, layer, rows[0].shape[0] // len(tables)) for table in tables]
+        seals = sealer.plan(tables, plans, layer) if sealer else []
+        self._check_capacity(tables, plans, seals)
+        if seals and sealer:
+            sealer.seal(seals, rows)
+            self._version += 1
+            for table in tables:
+                self._release_sealed(table)
+        self._allocate_dense(tables, plans)
+        write_dense(pool.dense(layer), tables, plans, rows)
+
+    def _in_place_slots(self, tables: list[BlockTable], layer: int, count: int) -> list[int] | None:
+        """Each table's slot for its first new token, when the `count` new tokens of `layer` all go into a
+        full-precision block the table already holds alone and nothing is sealed (in a decode step, every layer
+        after the one that allocated the block); else None, and `append` plans the write."""
+        pool, sealer, size, max_tokens = self.pool, self.sealer, self.block_size, self.config.max_tokens
+        assert pool is not None
+        slots = []
+        for table in tables:
+            start = table.layer_lengths[layer]
+            offset = start % size
+            block = table.dense_blocks.get(start // size)
+            if (
+                block is None
+                or offset + count > size
+                or start + count > max_tokens
+                or pool.ref_count(block) > 1
+                or (sealer is not None and sealer.target(table, layer, count) > table.layer_sealed[layer])
+            ):
+                return None
+            slots.append(block * size + offset)
+        return slots
+
+    def _slot_tensor(self, slots: tuple[int, ...]) -> torch.Tensor:
+        """`slots` as an int64 tensor on the pool's device, cached: the layers of one decode step write the same
+        slots, so they share one host-to-device copy. The key is the ids themselves, valid at every store version
+        (stored at version 0)."""
+        assert self.pool is not None
+        cached = self._slot_tensors.get(slots, 0)
+        if cached is None:
+            tensor = torch.tensor(slots, dtype=torch.long, device=self.pool.device)
+            cached = self._slot_tensors.put(slots, 0, tensor)
+        return cached
 
     def blocks_needed_for_append(self, seq_id: int, count: int) -> tuple[int, int]:
         """Blocks that appending `count` tokens to every layer of a sequence allocates: `(full-precision, sealed)`,

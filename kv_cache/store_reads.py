@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kv_cache.attention.paged_kv import PagedKV
+from kv_cache.attention.paged_kv import PagedKV, QuantizedKV
 from kv_cache.block_pool import BlockPool
 from kv_cache.block_table import BlockTable, blocks_needed
 from kv_cache.block_views import VersionedCache, block_rows, consecutive_run, paged_view
@@ -79,13 +79,37 @@ class StoreReads:
         return cached
 
     def paged_kv(self, batch: ReadBatch, layer: int) -> PagedKV:
-        """`layer` of the batch as the attention kernels read it: block tables and lengths, no copy."""
-        key = (batch.seq_ids, layer, *(t.layer_lengths[layer] for t in batch.tables))
-        view = self._paged_views.get(key, batch.version)
+        """`layer` of the batch as the attention kernels read it: block tables and lengths, no copy.
+
+        The tables and lengths depend only on each row's (held, sealed) tokens in `layer`; layers in the same
+        state (every layer of a decode step, without eviction) share one view's tensors, so the host builds and
+        copies them once per step rather than once per layer.
+        """
+        state = (
+            batch.seq_ids,
+            tuple([t.layer_lengths[layer] for t in batch.tables]),
+            tuple([t.layer_sealed[layer] for t in batch.tables]),
+        )
+        view = self._paged_views.get(state, batch.version)
         if view is None:
             view = paged_view(batch.tables, layer, self.pool, self.quantized_pool)
-            self._paged_views.put(key, batch.version, view)
-        return view
+            self._paged_views.put(state, batch.version, view)
+        return self._with_storage(view, layer)
+
+    def _with_storage(self, view: PagedKV, layer: int) -> PagedKV:
+        """`view`'s block tables and lengths over `layer`'s storage tensors."""
+        dense = self.pool.dense(layer)
+        if view.key_cache is dense.keys:
+            return view
+        quantized = view.quantized
+        if quantized is not None and self.quantized_pool is not None:
+            storage = self.quantized_pool.quantized(layer)
+            quantized = QuantizedKV(
+                storage.key_codes, storage.key_scale, storage.key_zero,
+                storage.value_codes, storage.value_scale, storage.value_zero,
+                quantized.block_table, quantized.seq_lens,
+            )  # fmt: skip
+        return PagedKV(dense.keys, dense.values, view.block_table, view.seq_lens, quantized)
 
     def read(self, batch: ReadBatch, layer: int) -> Dense:
         """Keys and values of `layer`, oldest first: two `[batch, kv_heads, tokens, head_dim]` model-dtype tensors,

@@ -202,3 +202,58 @@ class StoreMachine(RuleBasedStateMachine):
 
 StoreMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
 TestStoreMachine = StoreMachine.TestCase
+
+
+def test_layers_in_the_same_state_share_block_tables() -> None:
+    """A decode step: every layer after the first writes in place and reads the block tables built for the first."""
+    gen = torch.Generator().manual_seed(7)
+    store = KVStore(KVCacheConfig(max_tokens=64, block_size=4, device="cpu"), num_layers=3)
+    seqs = [store.add_sequence() for _ in range(3)]
+    prompts = [kv(1, tokens, gen) for tokens in (5, 8, 2)]  # rows of different lengths, one on a block boundary
+    for seq, (keys, values) in zip(seqs, prompts, strict=True):
+        for layer in range(3):
+            store.append([seq], layer, keys, values)
+    step_k, step_v = kv(3, 1, gen)
+    views = []
+    for layer in range(3):
+        store.append(seqs, layer, step_k, step_v)
+        views.append(store.paged_kv(seqs, layer))
+    assert store.pool is not None
+    for layer, view in enumerate(views):
+        assert view.block_table is views[0].block_table and view.seq_lens is views[0].seq_lens
+        assert view.key_cache is store.pool.dense(layer).keys
+        assert view.seq_lens.tolist() == [6, 9, 3]
+        for row, (keys, _) in enumerate(prompts):
+            got = store.read([seqs[row]], layer)[0]
+            assert torch.equal(got, torch.cat([keys, step_k[row : row + 1]], dim=2))
+    store.check_invariants()
+
+
+def test_layers_in_different_states_get_their_own_tables() -> None:
+    gen = torch.Generator().manual_seed(8)
+    store = KVStore(KVCacheConfig(max_tokens=64, block_size=4, device="cpu"), num_layers=2)
+    seqs = [store.add_sequence() for _ in range(2)]
+    keys, values = kv(2, 4, gen)
+    for layer in range(2):
+        store.append(seqs, layer, keys, values)
+    store.append(seqs, 0, *kv(2, 1, gen))  # layer 0 runs one token ahead (and allocated a block)
+    assert store.paged_kv(seqs, 0).seq_lens.tolist() == [5, 5]
+    assert store.paged_kv(seqs, 1).seq_lens.tolist() == [4, 4]
+
+
+def test_in_place_write_still_copies_a_shared_block() -> None:
+    """Forked rows share their partly filled tail block: a batched decode write must copy it first."""
+    gen = torch.Generator().manual_seed(9)
+    store = KVStore(KVCacheConfig(max_tokens=64, block_size=4, device="cpu"), num_layers=2)
+    parent = store.add_sequence()
+    keys, values = kv(1, 6, gen)
+    for layer in range(2):
+        store.append([parent], layer, keys, values)
+    child = store.fork(parent)
+    step_k, step_v = kv(2, 1, gen)
+    for layer in range(2):
+        store.append([parent, child], layer, step_k, step_v)
+        for row, seq in enumerate((parent, child)):
+            assert torch.equal(store.read([seq], layer)[0], torch.cat([keys, step_k[row : row + 1]], dim=2))
+    assert store.block_ids(child)[1] != store.block_ids(parent)[1]
+    store.check_invariants()
