@@ -1,6 +1,7 @@
 """Fidelity of cache configurations on the trained reference model: perplexity, greedy agreement, needles.
 
-For each named `KVCacheConfig` (full, INT8/4/2, eviction policies at 2x/4x/8x, ...) on held-out code:
+For each named `KVCacheConfig` (full, INT8/4/2, eviction policies at 2x/4x/8x, ...), or another library's cache
+(a `CacheFactory`, e.g. Hugging Face's `QuantizedCache`), on held-out code:
 
 - perplexity: the model reads `prompt_tokens` of held-out text into the cache, then predicts the next
   `scored_tokens` one at a time (teacher-forced, decoding through the cache, so compression acts on every step);
@@ -9,19 +10,22 @@ For each named `KVCacheConfig` (full, INT8/4/2, eviction policies at 2x/4x/8x, .
 - needle accuracy: exact greedy retrieval of a 6-character value defined at `depth` of a `context` token prompt
   (`reference_model.make_needle_prompt`), per context length and depth, over seeds `first_seed` ..
   `first_seed + probes - 1` (the reported table uses 0..; eviction was tuned on seeds >= 100, kept disjoint);
-- memory: bytes of the blocks in use per token seen (`effective_bytes_per_token`, after the needle probes).
+- memory: bytes of the blocks in use per token seen (`effective_bytes_per_token`, after the needle probes);
+  not measured for other libraries' caches.
 
-All configurations run with `hf_attention`'s paged attention (heavy-hitter eviction needs its attention mass).
+Our configurations run with `hf_attention`'s paged attention (heavy-hitter eviction needs its attention mass),
+other caches with SDPA.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, PretrainedConfig
+from transformers.cache_utils import Cache
 
 from kv_cache.config import CacheStrategy, KVCacheConfig
 from kv_cache.hf_attention import register_attention
@@ -44,6 +48,12 @@ class FidelityPlan:
 
 QUICK_PLAN = FidelityPlan(prompt_tokens=256, scored_tokens=64, windows=1, contexts=(512,), depths=(0.5,), probes=2)
 """A smoke run: one short window and two needle probes."""
+
+
+CacheFactory = Callable[[PretrainedConfig], Cache]
+"""Builds an empty cache of another library for a model config (a comparison row, run with SDPA)."""
+
+CacheSpec = KVCacheConfig | CacheFactory
 
 
 @dataclass
@@ -74,31 +84,40 @@ def default_configs(max_tokens: int = 4096) -> dict[str, KVCacheConfig]:
 
 def evaluate(
     model: LlamaForCausalLM,
-    configs: dict[str, KVCacheConfig],
+    configs: Mapping[str, CacheSpec],
     plan: FidelityPlan,
     progress: Callable[[str], None] | None = None,
 ) -> list[FidelityRow]:
     """Measure every configuration; the first one is the reference for agreement (normally "full")."""
-    model.set_attn_implementation(register_attention())
     windows = _heldout_windows(plan)
-    reference_name = next(iter(configs))
-    continuations = [_greedy(model, configs[reference_name], prompt, plan.scored_tokens) for prompt, _ in windows]
+    reference = _cache_maker(model, next(iter(configs.values())))
+    continuations = [_greedy(model, reference, prompt, plan.scored_tokens) for prompt, _ in windows]
     rows = []
-    for name, config in configs.items():
+    for name, spec in configs.items():
         if progress is not None:
             progress(name)
+        make = _cache_maker(model, spec)
         row = FidelityRow(name)
         nll, agree, count = 0.0, 0, 0
         for (prompt, text), continuation in zip(windows, continuations, strict=True):
-            nll += _teacher_forced(model, config, prompt, text)[0]
-            agree += _teacher_forced(model, config, prompt, continuation)[1]
+            nll += _teacher_forced(model, make, prompt, text)[0]
+            agree += _teacher_forced(model, make, prompt, continuation)[1]
             count += len(text)
         row.perplexity = math.exp(nll / count)
         row.agreement = agree / count
-        row.needles, row.bytes_per_token = _needles(model, config, plan)
+        row.needles, row.bytes_per_token = _needles(model, make, plan)
         row.needle_accuracy = sum(row.needles.values()) / len(row.needles)
         rows.append(row)
     return rows
+
+
+def _cache_maker(model: LlamaForCausalLM, spec: CacheSpec) -> Callable[[], Cache]:
+    """A function returning a fresh, empty cache of `spec`, with `model` switched to the attention it needs."""
+    if isinstance(spec, KVCacheConfig):
+        model.set_attn_implementation(register_attention())
+        return lambda: KVCache(spec, model.config)
+    model.set_attn_implementation("sdpa")
+    return lambda: spec(model.config)
 
 
 def _heldout_windows(plan: FidelityPlan) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -112,10 +131,10 @@ def _heldout_windows(plan: FidelityPlan) -> list[tuple[torch.Tensor, torch.Tenso
 
 @torch.no_grad()
 def _teacher_forced(
-    model: LlamaForCausalLM, config: KVCacheConfig, prompt: torch.Tensor, targets: torch.Tensor
+    model: LlamaForCausalLM, make: Callable[[], Cache], prompt: torch.Tensor, targets: torch.Tensor
 ) -> tuple[float, int]:
-    """Decode `targets` one at a time after `prompt` through a cache of `config`: (sum of NLL, argmax hits)."""
-    cache = KVCache(config, model.config)
+    """Decode `targets` one at a time after `prompt` through a cache from `make`: (sum of NLL, argmax hits)."""
+    cache = make()
     logits = model(input_ids=prompt[None], past_key_values=cache).logits[0, -1]
     nll, hits = 0.0, 0
     for target in targets.tolist():
@@ -126,9 +145,9 @@ def _teacher_forced(
 
 
 @torch.no_grad()
-def _greedy(model: LlamaForCausalLM, config: KVCacheConfig, prompt: torch.Tensor, count: int) -> torch.Tensor:
-    """`count` greedy tokens after `prompt` with a cache of `config`: LongTensor [count]."""
-    cache = KVCache(config, model.config)
+def _greedy(model: LlamaForCausalLM, make: Callable[[], Cache], prompt: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` greedy tokens after `prompt` with a cache from `make`: LongTensor [count]."""
+    cache = make()
     logits = model(input_ids=prompt[None], past_key_values=cache).logits[0, -1]
     out = []
     for _ in range(count):
@@ -138,7 +157,7 @@ def _greedy(model: LlamaForCausalLM, config: KVCacheConfig, prompt: torch.Tensor
     return torch.tensor(out)
 
 
-def _needles(model: LlamaForCausalLM, config: KVCacheConfig, plan: FidelityPlan) -> tuple[dict[str, float], float]:
+def _needles(model: LlamaForCausalLM, make: Callable[[], Cache], plan: FidelityPlan) -> tuple[dict[str, float], float]:
     """Accuracy per `context@depth` cell, and the cache's bytes per held token after the longest probe."""
     cells: dict[str, float] = {}
     bytes_per_token = math.nan
@@ -147,7 +166,7 @@ def _needles(model: LlamaForCausalLM, config: KVCacheConfig, plan: FidelityPlan)
             correct = 0
             for seed in range(plan.first_seed, plan.first_seed + plan.probes):
                 prompt, answer = make_needle_prompt(context, depth, seed)
-                got, bytes_per_token = _answer(model, config, prompt, answer.numel())
+                got, bytes_per_token = _answer(model, make, prompt, answer.numel())
                 correct += int(torch.equal(got, answer))
             cells[f"{context}@{depth}"] = correct / plan.probes
     return cells, bytes_per_token
@@ -155,15 +174,17 @@ def _needles(model: LlamaForCausalLM, config: KVCacheConfig, plan: FidelityPlan)
 
 @torch.no_grad()
 def _answer(
-    model: LlamaForCausalLM, config: KVCacheConfig, prompt: torch.Tensor, count: int
+    model: LlamaForCausalLM, make: Callable[[], Cache], prompt: torch.Tensor, count: int
 ) -> tuple[torch.Tensor, float]:
-    cache = KVCache(config, model.config)
+    """`count` greedy tokens after `prompt`, and the cache's bytes per token seen (NaN: not our cache)."""
+    cache = make()
     logits = model(input_ids=prompt[None], past_key_values=cache).logits[0, -1]
     tokens = []
     for _ in range(count):
         tokens.append(int(logits.argmax()))
         logits = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache).logits[0, -1]
-    return torch.tensor(tokens), float(cache.get_stats()["effective_bytes_per_token"])
+    memory = float(cache.get_stats()["effective_bytes_per_token"]) if isinstance(cache, KVCache) else math.nan
+    return torch.tensor(tokens), memory
 
 
 def format_table(rows: Sequence[FidelityRow]) -> str:
@@ -175,7 +196,13 @@ def format_table(rows: Sequence[FidelityRow]) -> str:
     for row in rows:
         lines.append(
             f"{row.name:<18} {row.perplexity:>9.4f} {row.perplexity / base.perplexity - 1:>+7.2%} "
-            f"{row.agreement:>7.1%} {row.needle_accuracy:>8.1%} {row.bytes_per_token:>10.0f} "
-            f"{row.bytes_per_token / base.bytes_per_token:>7.3f}x"
+            f"{row.agreement:>7.1%} {row.needle_accuracy:>8.1%} " + _memory_columns(row, base)
         )
     return "\n".join(lines)
+
+
+def _memory_columns(row: FidelityRow, base: FidelityRow) -> str:
+    """Bytes per token and the ratio to `base`, or dashes where the cache's memory was not measured."""
+    if math.isnan(row.bytes_per_token):
+        return f"{'-':>10} {'-':>8}"
+    return f"{row.bytes_per_token:>10.0f} {row.bytes_per_token / base.bytes_per_token:>7.3f}x"
