@@ -22,7 +22,12 @@ CPU time barely moves with other people's load), the TTFT ladder is wall time.
    running) and *cold, no Redis* (an engine without the tier: the baseline). Fresh prefixes for every cold row,
    all paths interleaved in each repetition; median of `--repeats`.
 
-Run: python benchmarks/engine.py [--out benchmarks/results/engine_cpu.txt]
+On a GPU (`--device cuda`, optionally `--model llama-1b`: a Llama-1B-shaped model with random bf16 weights,
+timing only) times are wall seconds after a synchronisation, and `--sections throughput capacity` leaves out the
+ladder, which needs a local redis-server (`benchmarks/prefix_cache.py` has the GPU TTFT ladder without Redis).
+
+Run: python benchmarks/engine.py [--device cpu|cuda] [--model reference|llama-1b]
+         [--sections throughput capacity ladder] [--out benchmarks/results/engine_cpu.txt]
 """
 
 from __future__ import annotations
@@ -39,11 +44,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from prefix_cache import build_model, describe  # benchmarks/prefix_cache.py
 from redis_tier import start_server  # benchmarks/redis_tier.py
 
 from kv_cache import KVCacheConfig
 from kv_cache.engine import EngineConfig, KVCacheEngine, SamplingParams
-from kv_cache.reference_model import PAD_ID, encode, heldout_text, load_reference_model
+from kv_cache.reference_model import PAD_ID, encode, heldout_text
 
 TEXT = heldout_text()
 Request = tuple[list[int], int]  # prompt ids, max_new_tokens
@@ -60,11 +66,21 @@ def workload(count: int, seed: int) -> list[Request]:
     return [(window(seed * 1000 + i, rng.randint(32, 512)), rng.randint(16, 64)) for i in range(count)]
 
 
-def timed(function: Callable[[], Any]) -> tuple[Any, float]:
-    """`function()` and its CPU seconds (this process)."""
-    start = time.process_time()
+def timed(function: Callable[[], Any], device: str) -> tuple[Any, float]:
+    """`function()` and its seconds: this process's CPU time on CPU, wall time after a sync on CUDA."""
+    if not device.startswith("cuda"):
+        start = time.process_time()
+        result = function()
+        return result, time.process_time() - start
+    torch.cuda.synchronize()
+    start = time.perf_counter()
     result = function()
-    return result, time.process_time() - start
+    torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
+def model_device(model: Any) -> str:
+    return str(next(model.parameters()).device)
 
 
 # --------------------------------------------------------------------------------------------- throughput
@@ -76,7 +92,7 @@ def hf_static_batches(model: Any, requests: list[Request], group: int) -> list[l
     for start in range(0, len(requests), group):
         part = requests[start : start + group]
         longest = max(len(prompt) for prompt, _ in part)
-        ids = torch.tensor([[PAD_ID] * (longest - len(p)) + p for p, _ in part])
+        ids = torch.tensor([[PAD_ID] * (longest - len(p)) + p for p, _ in part], device=model_device(model))
         mask = (ids != PAD_ID).long()
         out = model.generate(
             ids, attention_mask=mask, max_new_tokens=max(new for _, new in part), do_sample=False,
@@ -87,7 +103,7 @@ def hf_static_batches(model: Any, requests: list[Request], group: int) -> list[l
 
 
 def engine_run(model: Any, requests: list[Request], max_num_seqs: int) -> list[list[int]]:
-    config = KVCacheConfig(block_size=16, max_tokens=1024, device="cpu")
+    config = KVCacheConfig(block_size=16, max_tokens=1024, device=model_device(model))
     engine = KVCacheEngine(model, config, EngineConfig(max_num_seqs=max_num_seqs, prefill_chunk_size=512))
     ids = [engine.add_request(prompt, SamplingParams(max_new_tokens=new)) for prompt, new in requests]
     while engine.scheduler.has_work:
@@ -107,14 +123,14 @@ def throughput(model: Any, args: argparse.Namespace) -> list[str]:
     outputs: dict[str, list[list[int]]] = {}
     for _ in range(args.rounds):
         for name, run in paths.items():
-            outputs[name], seconds = timed(run)
+            outputs[name], seconds = timed(run, model_device(model))
             best[name] = min(best.get(name, float("inf")), seconds)
     reference = outputs[next(iter(paths))]
     baseline = best[next(iter(paths))]
     lines = [
         f"1. throughput: 64 requests, prompts {min(len(p) for p, _ in requests)}-{max(len(p) for p, _ in requests)} "
         f"tokens ({sum(len(p) for p, _ in requests)} in all), {wanted} new tokens requested, best of {args.rounds}",
-        f"{'path':<36} {'CPU s':>7} {'tokens/s':>9} {'vs HF':>6}  same tokens as HF",
+        f"{'path':<36} {'s':>7} {'tokens/s':>9} {'vs HF':>6}  same tokens as HF",
     ]
     for name, seconds in best.items():
         same = sum(a == b for a, b in zip(outputs[name], reference, strict=True))
@@ -127,7 +143,8 @@ def throughput(model: Any, args: argparse.Namespace) -> list[str]:
 def capacity_engine(model: Any, args: argparse.Namespace, int4: bool, max_num_seqs: int) -> KVCacheEngine:
     quantized = {"use_quantization": True, "quantization_bits": 4, "residual_tokens": 64} if int4 else {}
     config = KVCacheConfig(
-        memory_budget_mb=args.budget_mb, dtype=torch.bfloat16, max_tokens=args.capacity_prompt + 65, device="cpu",
+        memory_budget_mb=args.budget_mb, dtype=torch.bfloat16, max_tokens=args.capacity_prompt + 65,
+        device=model_device(model),
         **quantized,  # type: ignore[arg-type]
     )  # fmt: skip
     settings = EngineConfig(max_num_seqs=max_num_seqs, prefill_chunk_size=max_num_seqs * args.capacity_prompt)
@@ -259,6 +276,13 @@ def ladder_lines(args: argparse.Namespace, medians: dict[str, float], stats: dic
     return lines
 
 
+SECTIONS: dict[str, Callable[[Any, argparse.Namespace], list[str]]] = {
+    "throughput": throughput,
+    "capacity": capacity,
+    "ladder": ladder,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--group", type=int, nargs="+", default=[8, 16])
@@ -268,22 +292,22 @@ def main() -> None:
     parser.add_argument("--capacity-prompt", type=int, default=960)
     parser.add_argument("--prefix", type=int, default=1536)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", choices=["reference", "llama-1b"], default="reference")
+    parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model = load_reference_model()
+    model = build_model(args.model, args.device)
+    gpu = f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""
     lines = [
         f"command: python {' '.join(sys.argv)}",
-        f"device: CPU, torch {torch.__version__}, 1 intra-op thread, {os.cpu_count()} cores (shared)",
-        "model: the shipped reference model (3M parameters, 4 layers, GQA 8/2, head_dim 64, fp32)",
-        "",
-        *throughput(model, args),
-        "",
-        *capacity(model, args),
-        "",
-        *ladder(model, args),
-        f"load average {os.getloadavg()[0]:.1f} at the end",
+        f"device: {args.device}{gpu}, torch {torch.__version__}, 1 intra-op thread, {os.cpu_count()} cores",
+        f"model: {args.model} ({describe(model)})",
     ]
+    for section in args.sections:
+        lines += ["", *SECTIONS[section](model, args)]
+    lines.append(f"load average {os.getloadavg()[0]:.1f} at the end")
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.out:
