@@ -6,6 +6,10 @@ that share blocks copy-on-write receive different attention, so each sequence ke
 copies them, a few floats per token, while the blocks stay shared).
 
     mass[seq][layer]   [kv_heads, capacity] fp32; the first `held` columns are the held tokens, in cache order
+
+Compaction is split the same way as every store write (see `kv_store`): `kept_tokens` gathers (allocates, reads
+only), `compact` writes in place; the batched `AttentionMass` methods change all rows or none, since their
+allocations (room, fp32 copies, gathers) come before their writes.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
 from kv_cache.block_table import BlockTable, blocks_needed
 
@@ -24,18 +29,25 @@ def token_slots(table: BlockTable, length: int, block_size: int, device: torch.d
     return (ids[:, None] * block_size + offsets).flatten()[:length].to(device)
 
 
-def compact(storages: Sequence[torch.Tensor], slots: torch.Tensor, keep: torch.Tensor) -> None:
-    """Move the tokens one row keeps to the front of its slots, each KV head its own tokens, order preserved.
+def kept_tokens(storages: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], keep: torch.Tensor) -> list[Tensor]:
+    """The tokens each row keeps, gathered (reads only): per storage `[batch * kept, kv_heads, ...]`, row `b`'s
+    `i`-th kept token at `b * kept + i`, each KV head its own tokens.
 
-    storages: per-slot tensors `[num_slots, kv_heads, ...]` (keys, values) written in place.
-    slots: `[length]` int64, the row's slots in token order; keep: `[kv_heads, kept]` int64 token indices,
-    ascending per head. Afterwards slot `slots[i]` holds, per head, the i-th kept token.
+    storages: per-slot tensors `[num_slots, kv_heads, ...]` (keys, values); sources: per row `[length]` int64,
+    the row's slots in token order; keep: `[batch, kv_heads, kept]` int64 token indices, ascending per head.
     """
-    kept = keep.shape[-1]
-    heads = torch.arange(keep.shape[0], device=slots.device)
-    source = slots[keep.to(slots.device)].T  # [kept, kv_heads]: the slot of each kept token, per head
-    for storage in storages:
-        storage[slots[:kept]] = storage[source, heads]
+    device = storages[0].device
+    keep = keep.to(device)
+    heads = torch.arange(keep.shape[1], device=device)
+    slots = torch.cat([row_slots[row_keep].T for row_slots, row_keep in zip(sources, keep, strict=True)])
+    return [storage[slots, heads] for storage in storages]  # slots: [batch * kept, kv_heads]
+
+
+def compact(storages: Sequence[torch.Tensor], targets: torch.Tensor, kept: Sequence[torch.Tensor]) -> None:
+    """Write `kept_tokens` output into slots `targets` `[batch * kept]` int64 (each row's first `kept` slots, in
+    token order): in place, allocating nothing. Afterwards a row's i-th slot holds, per head, its i-th kept token."""
+    for storage, tokens in zip(storages, kept, strict=True):
+        storage.index_copy_(0, targets, tokens)
 
 
 class AttentionMass:
@@ -48,41 +60,60 @@ class AttentionMass:
         self._mass: dict[int, list[torch.Tensor]] = {}
         self._held: dict[int, list[int]] = {}
 
-    def grow(self, seq_id: int, layer: int, count: int) -> None:
-        """`count` new tokens were appended to `layer`: they have received no attention yet."""
-        layers, held = self._entry(seq_id)
-        needed = held[layer] + count
-        if needed > layers[layer].shape[1]:
-            bigger = self._empty(max(needed, 2 * layers[layer].shape[1]))
-            bigger[:, : held[layer]] = layers[layer][:, : held[layer]]
-            layers[layer] = bigger
-        layers[layer][:, held[layer] : needed] = 0
-        held[layer] = needed
+    def reserve(self, seq_ids: Sequence[int], layer: int, count: int) -> None:
+        """Make room for `count` more tokens of `layer` in each sequence, so that `grow` allocates nothing; no
+        score changes (a full row moves to a tensor twice as large)."""
+        for seq_id in seq_ids:
+            layers, held = self._entry(seq_id)
+            needed = held[layer] + count
+            if needed > layers[layer].shape[1]:
+                bigger = self._empty(max(needed, 2 * layers[layer].shape[1]))
+                bigger[:, : held[layer]] = layers[layer][:, : held[layer]]
+                layers[layer] = bigger
 
-    def add(self, seq_id: int, layer: int, mass: torch.Tensor) -> None:
-        """Add `mass` `[kv_heads, tokens]` (tokens <= held; any float dtype) to the first held tokens."""
-        layers, held = self._entry(seq_id)
-        layers[layer][:, : held[layer]] += mass[:, : held[layer]].float()
+    def grow(self, seq_ids: Sequence[int], layer: int, count: int) -> None:
+        """`count` new tokens were appended to `layer` of each sequence: they have received no attention yet.
+
+        All rows or none: the room is made first (nothing to do after `reserve`), then the new scores are zeroed.
+        """
+        self.reserve(seq_ids, layer, count)
+        for seq_id in seq_ids:
+            layers, held = self._entry(seq_id)
+            layers[layer][:, held[layer] : held[layer] + count] = 0
+            held[layer] += count
+
+    def add(self, seq_ids: Sequence[int], layer: int, mass: torch.Tensor) -> None:
+        """Add `mass` `[batch, kv_heads, tokens]` (tokens = held; any float dtype) to each row's held tokens.
+
+        All rows or none: the fp32 copy is made first, then the sums are added in place.
+        """
+        mass = mass.float()
+        entries = [self._entry(seq_id) for seq_id in seq_ids]
+        for row, (layers, held) in enumerate(entries):
+            layers[layer][:, : held[layer]] += mass[row, :, : held[layer]]
 
     def read(self, seq_id: int, layer: int) -> torch.Tensor:
         """`[kv_heads, held]` fp32."""
         layers, held = self._entry(seq_id)
         return layers[layer][:, : held[layer]]
 
-    def keep(self, seq_id: int, layer: int, keep: torch.Tensor) -> None:
-        """Keep, per head, the tokens `keep` `[kv_heads, kept]` (ascending), as `compact` does to the blocks."""
+    def keep(self, seq_ids: Sequence[int], layer: int, keep: torch.Tensor) -> None:
+        """Keep, per row and head, the tokens `keep` `[batch, kv_heads, kept]` (ascending), as `compact` does to
+        the blocks. All rows or none: every row's kept scores are gathered before any is written."""
         kept = keep.shape[-1]
-        scores = self.read(seq_id, layer).gather(1, keep.to(self.device))
-        layers, held = self._entry(seq_id)
-        layers[layer][:, :kept] = scores
-        held[layer] = kept
+        keep = keep.to(self.device)
+        scores = [self.read(seq_id, layer).gather(1, row) for seq_id, row in zip(seq_ids, keep, strict=True)]
+        for seq_id, row_scores in zip(seq_ids, scores, strict=True):
+            layers, held = self._entry(seq_id)
+            layers[layer][:, :kept].copy_(row_scores)
+            held[layer] = kept
 
     def truncate(self, seq_id: int, num_tokens: int) -> None:
         if seq_id in self._held:
             self._held[seq_id] = [min(held, num_tokens) for held in self._held[seq_id]]
 
     def fork(self, source: int, target: int) -> None:
-        """`target` starts with a copy of `source`'s scores."""
+        """`target` starts with a copy of `source`'s scores (nothing changes unless the copies succeed)."""
         if source in self._mass:
             self._mass[target] = [mass.clone() for mass in self._mass[source]]
             self._held[target] = list(self._held[source])

@@ -3,6 +3,10 @@
 The functions take the storage of one layer (`DenseBlocks`, `QuantizedBlocks`) and the `BlockTable`s with their
 `WritePlan`s, and do the index arithmetic (slot = block id * block_size + offset) in one place. New tokens
 arrive as `[batch, kv_heads, tokens, head_dim]`; `token_rows` flattens them to rows `batch * tokens + t`.
+
+What can run out of memory (index tensors, gathers, dtype casts, quantization) is split from what writes the pool:
+`dense_write`, `encode_sealed` and `sealed_block_ids` build tensors and change nothing; `SlotWrite.apply` and
+`QuantizedBlocks.store` only copy in place. The store builds everything first and writes last (see `kv_store`).
 """
 
 from __future__ import annotations
@@ -78,10 +82,12 @@ def check_states(key: torch.Tensor, value: torch.Tensor, spec: StateSpec) -> Non
         )
 
 
-def token_rows(states: torch.Tensor) -> torch.Tensor:
-    """`[batch, kv_heads, tokens, head_dim]` -> `[batch * tokens, kv_heads, head_dim]`, row `b * tokens + t`."""
+def token_rows(states: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`[batch, kv_heads, tokens, head_dim]` -> `[batch * tokens, kv_heads, head_dim]` in `dtype` (the storage's),
+    row `b * tokens + t`."""
     batch, heads, tokens, dim = states.shape
-    return states.transpose(1, 2).reshape(batch * tokens, heads, dim)
+    rows = states.transpose(1, 2).reshape(batch * tokens, heads, dim)
+    return rows if rows.dtype == dtype else rows.to(dtype)  # the check is cheaper than a no-op `to` per decode step
 
 
 def write_slots(
@@ -106,24 +112,47 @@ def _copy_run(dense: DenseBlocks, slot: int, count: int, rows: TokenRows) -> Non
     dense.value_slots.narrow(0, slot, count).copy_(rows[1])
 
 
-def write_dense(dense: DenseBlocks, tables: list[BlockTable], plans: list[WritePlan], rows: TokenRows) -> None:
-    """Copy each table's tokens `[plan.dense_from, plan.end)` from `rows` into its full-precision blocks."""
+@dataclass(frozen=True)
+class SlotWrite:
+    """New tokens ready to go into one layer's full-precision slots: indices built, rows selected and in the
+    storage dtype, so `apply` only copies (it allocates nothing, so it cannot run out of memory halfway).
+
+    slots: an `[n]` int64 index tensor, or the first of `n` consecutive slots; keys, values: `[n, kv_heads,
+    head_dim]` in the storage dtype.
+    """
+
+    dense: DenseBlocks
+    slots: Tensor | int
+    keys: Tensor
+    values: Tensor
+
+    def apply(self) -> None:
+        if isinstance(self.slots, int):
+            _copy_run(self.dense, self.slots, self.keys.shape[0], (self.keys, self.values))
+        else:
+            self.dense.write(self.slots, self.keys, self.values)
+
+
+def dense_write(
+    dense: DenseBlocks, tables: list[BlockTable], plans: list[WritePlan], rows: TokenRows
+) -> SlotWrite | None:
+    """Prepare copying each table's tokens `[plan.dense_from, plan.end)` from `rows` (storage dtype) into its
+    full-precision blocks, which the tables must hold already; None when every new token was sealed instead."""
     size = dense.keys.shape[1]
     table, plan = tables[0], plans[0]
     if len(tables) == 1 and plan.dense_from == plan.start and plan.start // size == (plan.end - 1) // size:
-        _copy_run(dense, table.dense_blocks[plan.start // size] * size + plan.start % size, plan.end - plan.start, rows)
-        return
+        return SlotWrite(dense, table.dense_blocks[plan.start // size] * size + plan.start % size, *rows)
     per_table = rows[0].shape[0] // len(tables)
     runs: list[Run] = []
     for index, (table, plan) in enumerate(zip(tables, plans, strict=True)):
         runs += _slot_runs(table, (plan.dense_from, plan.end), size, index * per_table + plan.dense_from - plan.start)
     if not runs:
-        return
+        return None
     keys, values = rows
     slots, sources = expand_runs(runs, keys.device)
     if sources.shape[0] != keys.shape[0]:  # some new tokens were sealed instead
         keys, values = keys.index_select(0, sources), values.index_select(0, sources)
-    dense.write(slots, keys, values)
+    return SlotWrite(dense, slots, keys, values)
 
 
 def encode_sealed(
@@ -185,14 +214,11 @@ def expand_runs(runs: list[Run], device: torch.device) -> tuple[Tensor, Tensor]:
     return firsts, seconds
 
 
-def store_sealed(
-    storage: QuantizedBlocks, tables: list[BlockTable], plans: list[WritePlan], encoded: tuple[torch.Tensor, ...]
-) -> None:
-    """Write `encode_sealed` output into each table's quantized blocks (already allocated)."""
-    size = storage.key_codes.shape[1]
+def sealed_block_ids(tables: list[BlockTable], plans: list[WritePlan], block_size: int, device: torch.device) -> Tensor:
+    """`[n]` int64 ids of the quantized blocks the plans seal, in `encode_sealed`'s order (already allocated)."""
     block_ids = [
         table.quantized_ids[logical]
         for table, plan in zip(tables, plans, strict=True)
-        for logical in range(plan.sealed // size, plan.seal_to // size)
+        for logical in range(plan.sealed // block_size, plan.seal_to // block_size)
     ]
-    storage.store(torch.tensor(block_ids, device=storage.key_codes.device), encoded)
+    return torch.tensor(block_ids, dtype=torch.long, device=device)

@@ -7,7 +7,9 @@ of a sequence lives in block `block_table[t // block_size]` at offset `t % block
 
 Allocation is O(1) per block: free ids sit on a stack (the most recently freed block is reused first, so it is
 likely still in cache). Every block is either free (reference count 0, on the stack) or referenced (count >= 1,
-one per holder); `check_invariants` verifies that conservation law against the holders.
+one per holder); `check_invariants` verifies that conservation law against the holders. Inside `atomic()` every
+reference change is journaled, so a store operation that fails halfway can put the allocator back exactly as it
+was (same counts, same free stack order); outside it nothing is recorded.
 
 A host pool built with `pin_memory=True` is allocated in page-locked memory when CUDA is present (so copies to and
 from the GPU can be asynchronous), and in plain memory otherwise (`pinned` says which).
@@ -16,7 +18,8 @@ from the GPU can be asynchronous), and in plain memory otherwise (`pinned` says 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -68,6 +71,7 @@ class BlockPool:
         self.device = device
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._ref_counts: list[int] = [0] * num_blocks
+        self._journal: list[tuple[int, int]] | None = None  # (block id, +1 or -1) per reference change, in `atomic`
 
     def dense(self, layer: int) -> DenseBlocks:
         """The full-precision storage of `layer` (this pool's format must be full precision)."""
@@ -115,6 +119,8 @@ class BlockPool:
         del self._free[-count:]
         for block_id in ids:
             self._ref_counts[block_id] = 1
+        if self._journal is not None:
+            self._journal += [(block_id, 1) for block_id in ids]
         return ids
 
     def check_held(self, block_ids: Iterable[int]) -> None:
@@ -130,6 +136,8 @@ class BlockPool:
         self.check_held(block_ids)
         for block_id in block_ids:
             self._ref_counts[block_id] += 1
+        if self._journal is not None:
+            self._journal += [(block_id, 1) for block_id in block_ids]
 
     def release(self, block_ids: Iterable[int]) -> None:
         """Drop one reference from each block; a block whose count reaches 0 returns to the free stack."""
@@ -140,12 +148,48 @@ class BlockPool:
             counts[block_id] -= 1
             if counts[block_id] == 0:
                 self._free.append(block_id)
+            if self._journal is not None:
+                self._journal.append((block_id, -1))
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Undo every `allocate`, `share` and `release` made inside the `with` block if it raises.
+
+        Undoing replays the journal backwards: a block allocated goes back on top of the free stack, a block a
+        release freed comes off it, so the stack's order is restored too. Block data is not restored: write into
+        blocks only once nothing can fail any more. Nests (an inner block that succeeds joins the outer one).
+        """
+        journal: list[tuple[int, int]] = []
+        outer, self._journal = self._journal, journal
+        try:
+            yield
+        except BaseException:
+            self._undo(journal)
+            raise
+        finally:
+            self._journal = outer
+        if outer is not None:
+            outer += journal
+
+    def _undo(self, journal: list[tuple[int, int]]) -> None:
+        counts = self._ref_counts
+        for block_id, change in reversed(journal):
+            if change < 0 and counts[block_id] == 0:  # that release freed it: it is the top of the stack
+                self._free.pop()
+            counts[block_id] -= change
+            if change > 0 and counts[block_id] == 0:  # allocated from the stack: back on top
+                self._free.append(block_id)
 
     def copy_block(self, src: int, dst: int) -> None:
-        """Copy block `src` into block `dst` in every layer (copy-on-write of a shared block)."""
+        """Copy block `src` into block `dst` in every layer (copy-on-write of a shared block); allocates nothing."""
         for layer in self.layers:
             for tensor in layer.tensors():
                 tensor[dst].copy_(tensor[src])
+
+    def copy_blocks(self, pairs: Iterable[tuple[int, int]]) -> None:
+        """`copy_block(src, dst)` for each `(src, dst)`, in order."""
+        for src, dst in pairs:
+            self.copy_block(src, dst)
 
     def detach_(self) -> None:
         """Drop the autograd history the storage gathered from appended tensors (training mode, between steps)."""

@@ -58,6 +58,15 @@ class BlockTable:
             quantized_ids=list(self.quantized_ids),
         )
 
+    def restore(self, saved: BlockTable) -> None:
+        """Make this table equal to `saved` (a `copy()` taken before an operation that failed halfway)."""
+        self.layer_lengths, self.layer_sealed, self.layer_evicted = (
+            saved.layer_lengths,
+            saved.layer_sealed,
+            saved.layer_evicted,
+        )
+        self.dense_blocks, self.quantized_ids = saved.dense_blocks, saved.quantized_ids
+
 
 @dataclass
 class WritePlan:

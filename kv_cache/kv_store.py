@@ -13,21 +13,39 @@ full-precision tail of each sequence (its newest `residual_tokens` tokens or mor
 from one to the other as they age out of the window.
 
 Inputs and outputs use Hugging Face's layout: `[batch, kv_heads, tokens, head_dim]`, one row per sequence id.
+
+Every operation is atomic under a failing allocation: it completes, or it raises (`CacheMemoryError` for a device
+out-of-memory error, see `_memory_errors`) with every table, block, reference count, free stack, attention mass and
+the version as they were, and the same call works once memory allows. Each operation that writes runs in three
+phases:
+
+    1. compute   reads only: quantize what seals (`Sealer.encode`), dequantize a block a truncation unseals,
+                 gather the tokens `keep_tokens` keeps, make room for attention mass (`AttentionMass.reserve`)
+    2. assign    `_atomic`: tables and allocators change (blocks allocated, copied-on-write, sealed, released),
+                 then the index tensors that name the new blocks are built; if anything raises, the tables, the
+                 pools' journals (`BlockPool.atomic`) and the version are rolled back
+    3. write     in place into the preallocated pools (`index_copy_`, `copy_`), nothing allocated, nothing to fail
+
+Writing last is what makes the rollback exact: a block released and reallocated within one operation (a sealed
+tail block reused by the same append) is only overwritten after everything read from it. The decode fast path
+(`_in_place_slots`) needs no rollback: it builds its one index tensor before its only write, and changes lengths
+after it.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import ParamSpec, TypeVar
 
 import torch
 
 from kv_cache.attention.paged_kv import PagedKV
-from kv_cache.attention_mass import AttentionMass, compact, token_slots
+from kv_cache.attention_mass import AttentionMass, compact, kept_tokens, token_slots
 from kv_cache.block_format import BlockFormat
-from kv_cache.block_io import StateSpec, TokenRows, check_states, token_rows, write_dense, write_slots
+from kv_cache.block_io import StateSpec, TokenRows, check_states, dense_write, token_rows, write_slots
 from kv_cache.block_pool import BlockPool
 from kv_cache.block_table import BlockTable, SealBatch, WritePlan, blocks_needed, plan_append
 from kv_cache.block_views import VersionedCache
@@ -97,24 +115,26 @@ class KVStore:
                 return
             config = self.config
             dense = BlockFormat(self.block_size, self.num_layers, kv_heads, head_dim, config.dtype or dtype)
+            quantized_pool = None
             if self.layer_bits is None:
                 num_blocks, hint = self._pool_size(dense, batch_size * (config.blocks_per_sequence + 1), 0)
-                self.pool = BlockPool(dense, num_blocks, device, capacity_hint=hint)
+                pool = BlockPool(dense, num_blocks, device, capacity_hint=hint)
             else:
                 tail_blocks = batch_size * (config.residual_tokens // self.block_size + 3)
                 tail_hint = "the batch size of the first call (the tail pool is sized from it) or residual_tokens"
-                self.pool = BlockPool(dense, tail_blocks, device, capacity_hint=tail_hint)
+                pool = BlockPool(dense, tail_blocks, device, capacity_hint=tail_hint)
                 sealed = BlockFormat(
                     self.block_size, self.num_layers, kv_heads, head_dim, dtype,
                     layer_bits=self.layer_bits, group_size=config.quantization_group_size,
                 )  # fmt: skip
                 # A sequence never seals its newest `residual_tokens` tokens.
                 sealable = blocks_needed(max(0, config.max_tokens - config.residual_tokens), self.block_size)
-                count, hint = self._pool_size(sealed, batch_size * max(1, sealable), self.pool.memory_bytes)
-                self.quantized_pool = BlockPool(sealed, count, device, capacity_hint=hint)
-                self.sealer = Sealer(self.pool, self.quantized_pool, config.residual_tokens)
-            self.model_dtype = dtype
-            self._reads = StoreReads(self.pool, self.quantized_pool, dtype, config.cache_mode is CacheMode.TRAINING)
+                count, hint = self._pool_size(sealed, batch_size * max(1, sealable), pool.memory_bytes)
+                quantized_pool = BlockPool(sealed, count, device, capacity_hint=hint)
+                self.sealer = Sealer(pool, quantized_pool, config.residual_tokens)
+            # Both pools exist: only now does the store hold them (a failure above leaves it uninitialized).
+            self.pool, self.quantized_pool, self.model_dtype = pool, quantized_pool, dtype
+            self._reads = StoreReads(pool, quantized_pool, dtype, config.cache_mode is CacheMode.TRAINING)
             if config.evicts_tokens and config.cache_strategy is not CacheStrategy.LRU:
                 self._mass = AttentionMass(self.num_layers, kv_heads, device)
 
@@ -168,6 +188,9 @@ class KVStore:
                     f"tokens cannot hold exactly num_tokens={num_tokens}"
                 )
             self.pool.check_held(dense_ids)  # both pools first: nothing is shared unless all can be
+            if self._mass is not None:  # room for the scores first: growing them below allocates nothing
+                for layer in range(self.num_layers):
+                    self._mass.reserve([seq_id], layer, num_tokens)
             if self.quantized_pool is not None:
                 self.quantized_pool.share(sealed_ids)
             self.pool.share(dense_ids)
@@ -177,7 +200,7 @@ class KVStore:
             table.layer_lengths = [num_tokens] * self.num_layers
             if self._mass is not None:
                 for layer in range(self.num_layers):
-                    self._mass.grow(seq_id, layer, num_tokens)
+                    self._mass.grow([seq_id], layer, num_tokens)
             self._version += 1
 
     @_memory_errors
@@ -185,15 +208,15 @@ class KVStore:
         """A new sequence sharing every block of `seq_id` (no copy until one of them writes a shared block)."""
         with self._lock:
             table = self._table(seq_id).copy()
+            new_id = self._next_id
+            if self._mass is not None:  # the only allocation: first, so that failing changes nothing
+                self._mass.fork(seq_id, new_id)
             if self.pool is not None:
                 self.pool.share(table.block_ids)
             if self.quantized_pool is not None:
                 self.quantized_pool.share(table.quantized_ids)
-            new_id = self._next_id
             self._next_id += 1
             self._tables[new_id] = table
-            if self._mass is not None:
-                self._mass.fork(seq_id, new_id)
             return new_id
 
     def replace_rows(self, seq_ids: Sequence[int], sources: Sequence[int]) -> list[int]:
@@ -205,7 +228,15 @@ class KVStore:
                 raise CacheValidationError(
                     f"batch indices {list(sources)} are out of range for a batch of {len(seq_ids)}"
                 )
-            new_ids = [self.fork(seq_ids[source]) for source in sources]
+            new_ids: list[int] = []
+            version, next_id = self._version, self._next_id
+            try:
+                new_ids += (self.fork(seq_ids[source]) for source in sources)
+            except BaseException:  # a fork ran out of memory: drop the ones made, as if none had been
+                for new_id in new_ids:
+                    self.free(new_id)
+                self._version, self._next_id = version, next_id
+                raise
             for seq_id in seq_ids:
                 self.free(seq_id)
             return new_ids
@@ -317,8 +348,11 @@ class KVStore:
             if count == 0:
                 return
             tables = [self._table(s) for s in seq_ids]
-            rows = (token_rows(key), token_rows(value))
             assert self.pool is not None
+            dtype = self.pool.block_format.dtype
+            rows = (token_rows(key, dtype), token_rows(value, dtype))
+            if self._mass is not None:  # room for the new tokens' scores now: `grow` below allocates nothing
+                self._mass.reserve(seq_ids, layer, count)
             slots = self._in_place_slots(tables, layer, count)
             if slots is None:
                 self._append_planned(tables, layer, rows)
@@ -327,24 +361,49 @@ class KVStore:
             for table in tables:
                 table.layer_lengths[layer] += count
             if self._mass is not None:  # a new token has received no attention yet
-                for seq_id in seq_ids:
-                    self._mass.grow(seq_id, layer, count)
+                self._mass.grow(seq_ids, layer, count)
 
     def _append_planned(self, tables: list[BlockTable], layer: int, rows: TokenRows) -> None:
-        """Write new tokens `rows` (`[batch * tokens, kv_heads, head_dim]`) of `layer` after planning where they
-        go: allocate blocks, copy shared ones, seal what leaves the residual window. Lengths are the caller's."""
+        """Write new tokens `rows` (`[batch * tokens, kv_heads, head_dim]`, storage dtype) of `layer` after
+        planning where they go: allocate blocks, copy shared ones, seal what leaves the residual window. Lengths
+        are the caller's. Quantizing reads the blocks as they are; the block changes and the index tensors built
+        on them are undone if one fails; the pools are written last (see the module docstring)."""
         pool, sealer = self.pool, self.sealer
         assert pool is not None
         plans = [self._plan(table, layer, rows[0].shape[0] // len(tables)) for table in tables]
         seals = sealer.plan(tables, plans, layer) if sealer else []
         self._check_capacity(tables, plans, seals)
-        if seals and sealer:
-            sealer.seal(seals, rows)
-            self._version += 1
-            for table in tables:
-                self._release_sealed(table)
-        self._allocate_dense(tables, plans)
-        write_dense(pool.dense(layer), tables, plans, rows)
+        encoded = sealer.encode(seals, rows) if seals and sealer else []
+        with self._atomic(tables):
+            sealed = sealer.assign(seals, encoded) if seals and sealer else None
+            if sealed is not None:
+                self._version += 1
+                for table in tables:
+                    self._release_sealed(table)
+            copies = self._allocate_dense(tables, plans)
+            write = dense_write(pool.dense(layer), tables, plans, rows)
+        if sealed is not None and sealer:
+            sealer.write(sealed)
+        pool.copy_blocks(copies)
+        if write is not None:
+            write.apply()
+
+    @contextmanager
+    def _atomic(self, tables: list[BlockTable]) -> Iterator[None]:
+        """Undo every change to `tables`, to the pools' allocators and to the version made inside the `with` block
+        if it raises. Block data is not undone: the block must not write into the pools."""
+        saved, version = [table.copy() for table in tables], self._version
+        with ExitStack() as pools:
+            for pool in (self.pool, self.quantized_pool):
+                if pool is not None:
+                    pools.enter_context(pool.atomic())
+            try:
+                yield
+            except BaseException:
+                for table, before in zip(tables, saved, strict=True):
+                    table.restore(before)
+                self._version = version
+                raise
 
     def _in_place_slots(self, tables: list[BlockTable], layer: int, count: int) -> list[int] | None:
         """Each table's slot for its first new token, when the `count` new tokens of `layer` all go into a
@@ -422,26 +481,29 @@ class KVStore:
                 raise CacheValidationError("token eviction needs an allocated full-precision (unquantized) store")
             self._layer(layer)
             _check_keep(keep, pool.block_format.kv_heads, [table.layer_lengths[layer] for table in tables])
-            kept = keep.shape[-1]
-            size = self.block_size
-            copies = sum(
-                1 for t in tables for x in range(blocks_needed(kept, size)) if pool.ref_count(t.dense_blocks[x]) > 1
-            )
-            if copies > pool.num_free:  # checked for every row first: a failure leaves every row as it was
-                raise CacheMemoryError(
-                    f"requested {copies} blocks (copy-on-write) but only {pool.num_free} are free; "
-                    f"raise {pool.capacity_hint}"
-                )
-            for row, table in enumerate(tables):
-                length = table.layer_lengths[layer]
-                self._make_private(table, range(blocks_needed(kept, size)))
-                dense = pool.dense(layer)
-                compact([dense.key_slots, dense.value_slots], self._slots(table, length), keep[row])
-                if self._mass is not None:
-                    self._mass.keep(seq_ids[row], layer, keep[row])
-                table.layer_lengths[layer] = kept
-                table.layer_evicted[layer] += length - kept
+            self._compact(seq_ids, tables, layer, keep)
+            for table in tables:
+                table.layer_evicted[layer] += table.layer_lengths[layer] - keep.shape[-1]
+                table.layer_lengths[layer] = keep.shape[-1]
                 self._release_beyond(table)
+
+    def _compact(self, seq_ids: Sequence[int], tables: list[BlockTable], layer: int, keep: torch.Tensor) -> None:
+        """Move the kept tokens (`keep`: `[batch, kv_heads, kept]`) of `layer` to the front of each row's blocks,
+        copying shared blocks first, and keep their attention mass. Everything that allocates (copy-on-write
+        blocks, which `_atomic` undoes; slot indices; the gathered tokens and scores) comes before the writes."""
+        pool = self.pool
+        assert pool is not None
+        front = range(blocks_needed(keep.shape[-1], self.block_size))
+        storages = (pool.dense(layer).key_slots, pool.dense(layer).value_slots)
+        with self._atomic(tables):  # a row short of free blocks for its copies leaves every row as it was
+            sources = [self._slots(table, table.layer_lengths[layer]) for table in tables]  # the blocks as they were
+            copies = [pair for table in tables for pair in self._make_private(table, front)]
+            targets = torch.cat([self._slots(table, keep.shape[-1]) for table in tables])
+            moved = kept_tokens(storages, sources, keep)
+            if self._mass is not None:
+                self._mass.keep(seq_ids, layer, keep)  # the last allocation, all rows or none
+        pool.copy_blocks(copies)
+        compact(storages, targets, moved)
 
     @_memory_errors
     def add_attention_mass(self, seq_ids: Sequence[int], layer: int, mass: torch.Tensor) -> None:
@@ -449,9 +511,9 @@ class KVStore:
         with self._lock:
             if self._mass is None:
                 raise CacheValidationError("this store does not track attention mass (no LFU/ADAPTIVE eviction)")
-            for row, seq_id in enumerate(seq_ids):
+            for seq_id in seq_ids:
                 self._table(seq_id)
-                self._mass.add(seq_id, layer, mass[row])
+            self._mass.add(seq_ids, layer, mass)
 
     def attention_mass(self, seq_id: int, layer: int) -> torch.Tensor:
         """Accumulated attention per held token of one sequence: `[kv_heads, tokens]` fp32."""
@@ -465,9 +527,10 @@ class KVStore:
         assert self.pool is not None
         return token_slots(table, length, self.block_size, self.pool.device)
 
-    def _make_private(self, table: BlockTable, logicals: Sequence[int]) -> None:
-        """Copy-on-write the shared full-precision blocks among `logicals` before they are rewritten (the last
-        holder keeps a block)."""
+    def _make_private(self, table: BlockTable, logicals: Sequence[int]) -> list[tuple[int, int]]:
+        """Give `table` private blocks for the shared full-precision ones among `logicals`, which are about to be
+        rewritten (the last holder keeps a block); returns the copies `(src, dst)` to make (`copy_blocks`) before
+        writing them."""
         assert self.pool is not None
         shared = [x for x in logicals if self.pool.ref_count(table.dense_blocks[x]) > 1]
         if len(shared) > self.pool.num_free:
@@ -475,12 +538,14 @@ class KVStore:
                 f"requested {len(shared)} blocks (copy-on-write) but only {self.pool.num_free} are free; "
                 f"raise {self.pool.capacity_hint}"
             )
+        copies = []
         for logical in shared:
             old = table.dense_blocks[logical]
             (table.dense_blocks[logical],) = self.pool.allocate(1)
-            self.pool.copy_block(old, table.dense_blocks[logical])
+            copies.append((old, table.dense_blocks[logical]))
             self.pool.release([old])
             self._version += 1
+        return copies
 
     def _release_beyond(self, table: BlockTable) -> None:
         """Release full-precision blocks past what any layer holds."""
@@ -597,15 +662,18 @@ class KVStore:
                     f"({self.block_size} tokens each); raise {target.capacity_hint}, or free or shorten sequences"
                 )
 
-    def _allocate_dense(self, tables: list[BlockTable], plans: list[WritePlan]) -> None:
-        """Give each table the full-precision blocks its plan writes: new ones, and private copies of shared ones."""
+    def _allocate_dense(self, tables: list[BlockTable], plans: list[WritePlan]) -> list[tuple[int, int]]:
+        """Give each table the full-precision blocks its plan writes: new ones, and private copies of shared ones;
+        returns the copies `(src, dst)` to make before writing."""
         pool = self.pool
         assert pool is not None
+        copies = []
         for table, plan in zip(tables, plans, strict=True):
             if plan.new_dense:
                 table.dense_blocks.update(zip(plan.new_dense, pool.allocate(len(plan.new_dense)), strict=True))
                 self._version += 1
-            self._make_private(table, plan.overwritten)
+            copies += self._make_private(table, plan.overwritten)
+        return copies
 
     def _release_sealed(self, table: BlockTable) -> None:
         """Release full-precision blocks that every layer has sealed."""

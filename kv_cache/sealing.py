@@ -6,13 +6,20 @@ tokens and the new ones, written to a quantized block (ids shared by all layers,
 seal it), and its full-precision block released once every layer has sealed it. When layer 0 seals blocks that
 the other layers already hold whole (they were in the tail before this step), those are sealed in every layer at
 once, so a long chunk never holds the old and the new tail in full precision together.
+
+Sealing runs in three steps so that a failing allocation changes nothing: `encode` quantizes (reads only),
+`assign` allocates the quantized blocks and advances the tables (undone by the store if a later step fails),
+`write` stores the encoded blocks in place (allocates nothing).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from kv_cache.block_io import TokenRows, encode_sealed, store_sealed
+from kv_cache.block_format import QuantizedBlocks
+from kv_cache.block_io import TokenRows, encode_sealed, sealed_block_ids
 from kv_cache.block_pool import BlockPool
 from kv_cache.block_table import BlockTable, SealBatch, WritePlan, plan_append
 from kv_cache.errors import CacheMemoryError, CacheValidationError
@@ -85,53 +92,76 @@ class Sealer:
             for table, logicals in written.values()
         ]
 
-    def seal(self, seals: list[SealBatch], rows: TokenRows) -> None:
-        """Quantize every batch in `seals` (the new `rows` feed the batch that has `rows`), then store them all.
+    def encode(self, seals: list[SealBatch], rows: TokenRows) -> list[tuple[torch.Tensor, ...]]:
+        """Quantize every batch in `seals` (the new `rows` feed the batch that has `rows`): reads blocks, changes
+        nothing, so a block that cannot be sealed (NaN/Inf) or a failing allocation raises before anything does."""
+        return [self._encode(seal, rows if seal.rows is not None else None) for seal in seals]
 
-        Encoding comes first, so a block that cannot be sealed (NaN/Inf) raises before anything changes.
+    def assign(self, seals: list[SealBatch], encoded: list[tuple[torch.Tensor, ...]]) -> SealWrites:
+        """Give the seals their quantized blocks (ids shared by all layers: allocated by the first layer to seal
+        them; copied first where another sequence shares a half-sealed one) and advance each layer's sealed length.
+
+        Table and allocator changes only (run it inside the pools' `atomic`); the returned writes store the data.
         """
-        encoded = [self._encode(seal, rows if seal.rows is not None else None) for seal in seals]
+        pool = self.quantized_pool
+        writes = SealWrites([], [])
         for seal, blocks in zip(seals, encoded, strict=True):
-            self._store(seal, blocks)
+            for table, plan in zip(seal.tables, seal.plans, strict=True):
+                first, end = plan.sealed // self.block_size, plan.seal_to // self.block_size
+                for logical in range(first, min(end, len(table.quantized_ids))):
+                    old = table.quantized_ids[logical]
+                    if pool.ref_count(old) > 1:  # copy-on-write: another sequence shares this half-sealed block
+                        (table.quantized_ids[logical],) = pool.allocate(1)
+                        writes.copies.append((old, table.quantized_ids[logical]))
+                        pool.release([old])
+                missing = end - len(table.quantized_ids)
+                if missing > 0:
+                    table.quantized_ids.extend(pool.allocate(missing))
+                table.layer_sealed[seal.layer] = plan.seal_to
+            block_ids = sealed_block_ids(seal.tables, seal.plans, self.block_size, pool.device)
+            writes.stores.append((pool.quantized(seal.layer), block_ids, blocks))
+        return writes
+
+    def write(self, writes: SealWrites) -> None:
+        """Store what `assign` prepared: the copy-on-write copies, then the encoded blocks (in place)."""
+        self.quantized_pool.copy_blocks(writes.copies)
+        for storage, block_ids, encoded in writes.stores:
+            storage.store(block_ids, encoded)
 
     def unseal(self, table: BlockTable, num_tokens: int) -> None:
-        """Cut a sequence inside its sealed blocks: dequantize the kept part of the cut block into the tail."""
+        """Cut a sequence inside its sealed blocks: dequantize the kept part of the cut block into the tail.
+
+        The cut block is dequantized before anything changes; then the tables and pools change and the block is
+        written (in place), so running out of memory leaves the sequence as it was.
+        """
         if len(set(table.layer_sealed)) != 1 or len(set(table.layer_lengths)) != 1:
             raise CacheValidationError("truncating into sealed blocks needs every layer at the same length")
         cut, partial = divmod(num_tokens, self.block_size)
         if partial and not table.dense_blocks and not self.pool.can_allocate(1):
             raise CacheMemoryError(f"truncate needs 1 free block but none is free; raise {self.pool.capacity_hint}")
-        self.pool.release(table.block_ids)  # every full-precision block lies after the cut
-        table.dense_blocks = dict(zip([cut], self.pool.allocate(1), strict=True)) if partial else {}
+        restored = []  # per layer: the cut block's keys and values, [1, block_size, kv_heads, head_dim] fp32
         if partial:
             source = torch.tensor([table.quantized_ids[cut]], device=self.pool.device)
-            for layer in range(self.num_layers):
-                dense = self.pool.dense(layer)
-                restored = self.quantized_pool.quantized(layer).read(source)
-                for storage, blocks in zip((dense.keys, dense.values), restored, strict=True):
-                    storage[table.dense_blocks[cut]].copy_(blocks[0])
+            restored = [self.quantized_pool.quantized(layer).read(source) for layer in range(self.num_layers)]
+        self.pool.release(table.block_ids)  # every full-precision block lies after the cut
+        table.dense_blocks = dict(zip([cut], self.pool.allocate(1), strict=True)) if partial else {}
         self.quantized_pool.release(table.quantized_ids[cut:])
         del table.quantized_ids[cut:]
         table.layer_sealed = [cut * self.block_size] * self.num_layers
+        for layer, keys_values in enumerate(restored):
+            dense = self.pool.dense(layer)
+            for storage, tokens in zip((dense.keys, dense.values), keys_values, strict=True):
+                storage[table.dense_blocks[cut]].copy_(tokens[0])
 
     def _encode(self, seal: SealBatch, rows: TokenRows | None) -> tuple[torch.Tensor, ...]:
         storage = self.quantized_pool.quantized(seal.layer)
         return encode_sealed(self.pool.dense(seal.layer), storage, seal, rows)
 
-    def _store(self, seal: SealBatch, encoded: tuple[torch.Tensor, ...]) -> None:
-        """Allocate the quantized blocks a seal writes (shared by all layers), store them, advance its layer."""
-        pool = self.quantized_pool
-        for table, plan in zip(seal.tables, seal.plans, strict=True):
-            first, end = plan.sealed // self.block_size, plan.seal_to // self.block_size
-            for logical in range(first, min(end, len(table.quantized_ids))):
-                old = table.quantized_ids[logical]
-                if pool.ref_count(old) > 1:  # copy-on-write: another sequence shares this half-sealed block
-                    (table.quantized_ids[logical],) = pool.allocate(1)
-                    pool.copy_block(old, table.quantized_ids[logical])
-                    pool.release([old])
-            missing = end - len(table.quantized_ids)
-            if missing > 0:
-                table.quantized_ids.extend(pool.allocate(missing))
-        store_sealed(pool.quantized(seal.layer), seal.tables, seal.plans, encoded)
-        for table, plan in zip(seal.tables, seal.plans, strict=True):
-            table.layer_sealed[seal.layer] = plan.seal_to
+
+@dataclass
+class SealWrites:
+    """What sealing writes once nothing can fail: copy-on-write copies `(src, dst)` in the quantized pool, then
+    per seal batch its layer's storage, `[n]` int64 block ids and encoded blocks (`QuantizedBlocks.store`)."""
+
+    copies: list[tuple[int, int]]
+    stores: list[tuple[QuantizedBlocks, torch.Tensor, tuple[torch.Tensor, ...]]]

@@ -70,3 +70,40 @@ def test_memory_accounting() -> None:
     assert pool.block_format.bytes_per_token == 2 * 2 * 2 * 8 * 4
     assert pool.memory_bytes == 5 * 4 * pool.block_format.bytes_per_token
     assert pool.dense(1).keys.shape == (5, 4, 2, 8)
+
+
+def allocator_state(pool: BlockPool) -> tuple[list[int], list[int]]:
+    return list(pool._free), [pool.ref_count(b) for b in range(pool.num_blocks)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_atomic_undoes_any_mix_of_allocations_shares_and_releases(seed: int) -> None:
+    """A failing operation puts counts and the free stack's order back exactly, nested blocks included."""
+    rng = torch.Generator().manual_seed(seed)
+    pool = make_pool(12)
+    held = pool.allocate(5)
+    pool.share(held[:2])
+    pool.release(held[3:4])
+
+    def scramble() -> None:
+        for _ in range(8):
+            live = [b for b in range(pool.num_blocks) if pool.ref_count(b)]
+            action = int(torch.randint(3, (1,), generator=rng))
+            if action == 0 and pool.num_free:
+                pool.allocate(int(torch.randint(1, pool.num_free + 1, (1,), generator=rng)))
+            elif action == 1 and live:
+                pool.share([live[int(torch.randint(len(live), (1,), generator=rng))]])
+            elif live:
+                pool.release([live[int(torch.randint(len(live), (1,), generator=rng))]])
+
+    before = allocator_state(pool)
+    with pytest.raises(RuntimeError, match="injected"), pool.atomic():
+        scramble()
+        with pool.atomic():  # an inner block that succeeds is undone with the outer one
+            scramble()
+        raise RuntimeError("injected")
+    assert allocator_state(pool) == before
+
+    with pool.atomic():  # success keeps every change, and nothing is journaled afterwards
+        pool.allocate(1)
+    assert pool._journal is None and allocator_state(pool) != before

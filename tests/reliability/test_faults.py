@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 
 from kv_cache import BaseKVCache, CacheMemoryError, KVCacheConfig, KVStore
 from kv_cache.block_format import BlockFormat
+from kv_cache.config import CacheStrategy
 from kv_cache.engine import EngineConfig, InvariantCheck, KVCacheEngine, SamplingParams
 from kv_cache.reference_model import encode, heldout_text, load_reference_model
 
@@ -141,16 +142,7 @@ def test_a_persistent_oom_is_a_clear_memory_error_and_the_engine_recovers(
         ({"num_blocks": 64}, 1, "lower num_blocks"),
         ({"memory_budget_mb": 1}, 1, "lower memory_budget_mb"),
         ({"use_quantization": True, "residual_tokens": 8, "quantization_group_size": 4}, 1, "residual_tokens"),
-        pytest.param(
-            {"use_quantization": True, "residual_tokens": 8, "quantization_group_size": 4},
-            2,
-            "num_blocks",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: the tail pool stays allocated without the sealed pool: the store never seals again, "
-                "and later appends fail with a misleading tail-pool error",
-            ),
-        ),
+        ({"use_quantization": True, "residual_tokens": 8, "quantization_group_size": 4}, 2, "num_blocks"),
     ],
     ids=["num_blocks", "memory_budget_mb", "quantized tail pool", "quantized sealed pool"],
 )
@@ -207,13 +199,18 @@ class FailingTorch:
 
 
 def snapshot(store: KVStore) -> list[Any]:
-    """Everything a caller can observe: tokens and seals per sequence and layer, reads, blocks in use."""
-    state: list[Any] = [sorted(store.sequence_ids), [p.num_used for p in (store.pool, store.quantized_pool) if p]]
+    """Everything a caller can observe: tokens, seals and attention mass per sequence and layer, reads, blocks in
+    use and their reference counts."""
+    pools = [pool for pool in (store.pool, store.quantized_pool) if pool is not None]
+    state: list[Any] = [sorted(store.sequence_ids), [[p.ref_count(b) for b in range(p.num_blocks)] for p in pools]]
+    tracks_mass = store.config.evicts_tokens and store.config.cache_strategy is not CacheStrategy.LRU
     for seq in sorted(store.sequence_ids):
         for layer in range(store.num_layers):
-            state += [store.num_tokens(seq, layer), store.num_sealed(seq, layer)]
+            state += [store.num_tokens(seq, layer), store.num_seen(seq, layer), store.num_sealed(seq, layer)]
             if store.num_tokens(seq, layer):
                 state += [tensor.clone() for tensor in store.read([seq], layer)]
+            if tracks_mass:
+                state.append(store.attention_mass(seq, layer).clone())
     return state
 
 
@@ -232,20 +229,69 @@ def grow(subject: StoreUnderTest, tokens: int = 8) -> None:
         subject.store.append([subject.seq], layer, kv(1, tokens), kv(1, tokens))
 
 
-OPERATIONS: dict[str, tuple[bool, Callable[[StoreUnderTest], None], Callable[[StoreUnderTest], object]]] = {
-    "append that seals": (True, lambda s: None, lambda s: s.store.append([s.seq], 0, kv(1, 4), kv(1, 4))),
-    "append with copy-on-write": (
-        False,
-        make_fork,
-        lambda s: s.store.append([s.forked, s.other], 0, kv(2, 1), kv(2, 1)),
+def nothing(subject: StoreUnderTest) -> None:
+    pass
+
+
+def mass_rows() -> torch.Tensor:
+    """Attention mass for `seq` and `other` (6 tokens, of which `other` holds 3): `[2, kv_heads, 6]` fp16."""
+    return torch.full((2, 2, 6), 0.25, dtype=torch.float16)
+
+
+@dataclass(frozen=True)
+class Operation:
+    """A store operation swept by the fault tests: `act` on a `StoreUnderTest` made with `options` and `prepare`d.
+
+    store: "quantized" (INT4, 4-token window), "dense", or "mass" (dense, tracking attention mass for LFU eviction).
+    copying: None to fail the allocating torch functions of the store's modules (`FailingTorch`), or the name of
+    the tensor method (`clone`, `float`) that makes the operation's only copies.
+    """
+
+    store: str
+    prepare: Callable[[StoreUnderTest], None]
+    act: Callable[[StoreUnderTest], object]
+    copying: str | None = None
+
+    def subject(self) -> StoreUnderTest:
+        """A fresh prepared store, the same every time (seeded)."""
+        torch.manual_seed(0)
+        mass = {"token_budget": 32, "cache_strategy": "lfu"} if self.store == "mass" else {}
+        subject = StoreUnderTest(quantized=self.store == "quantized", **mass)
+        self.prepare(subject)
+        return subject
+
+    def run(self, subject: StoreUnderTest) -> object:
+        """`act` on new tokens that are the same every time (seeded)."""
+        torch.manual_seed(1)
+        return self.act(subject)
+
+
+OPERATIONS: dict[str, Operation] = {
+    "append that seals": Operation("quantized", nothing, lambda s: s.store.append([s.seq], 0, kv(1, 4), kv(1, 4))),
+    "append with copy-on-write": Operation(
+        "dense", make_fork, lambda s: s.store.append([s.forked, s.other], 0, kv(2, 1), kv(2, 1))
     ),
-    "read into the workspace": (False, make_fork, lambda s: s.store.read([s.seq, s.forked], 0)),
-    "read of sealed blocks": (True, grow, lambda s: s.store.read([s.seq], 1)),
-    "truncate into a sealed block": (True, grow, lambda s: s.store.truncate(s.seq, 6)),
-    "keep_tokens with copy-on-write": (
-        False,
-        make_fork,
-        lambda s: s.store.keep_tokens([s.forked], 0, torch.tensor([[[1, 3]] * 2])),
+    "append growing the attention mass": Operation(
+        "mass", nothing, lambda s: s.store.append([s.seq, s.other], 1, kv(2, 1), kv(2, 1))
+    ),
+    "read into the workspace": Operation("dense", make_fork, lambda s: s.store.read([s.seq, s.forked], 0)),
+    "read of sealed blocks": Operation("quantized", grow, lambda s: s.store.read([s.seq], 1)),
+    "truncate into a sealed block": Operation("quantized", grow, lambda s: s.store.truncate(s.seq, 6)),
+    "keep_tokens with copy-on-write": Operation(
+        "dense", make_fork, lambda s: s.store.keep_tokens([s.forked], 0, torch.tensor([[[1, 3]] * 2]))
+    ),
+    "keep_tokens with attention mass": Operation(
+        "mass", make_fork, lambda s: s.store.keep_tokens([s.forked, s.other], 0, torch.tensor([[[0, 2]] * 2] * 2))
+    ),
+    "adopt_blocks with attention mass": Operation(
+        "mass", nothing, lambda s: s.store.adopt_blocks(s.spare, [], s.store.block_ids(s.seq), 6)
+    ),
+    "fork with attention mass": Operation("mass", nothing, make_fork, copying="clone"),
+    "replace_rows with attention mass": Operation(
+        "mass", nothing, lambda s: s.store.replace_rows([s.seq, s.other], [1, 0, 0]), copying="clone"
+    ),
+    "add_attention_mass": Operation(
+        "mass", nothing, lambda s: s.store.add_attention_mass([s.seq, s.other], 0, mass_rows()), copying="float"
     ),
 }
 
@@ -261,53 +307,66 @@ class Outcome:
 
 def sweep(name: str, monkeypatch: pytest.MonkeyPatch) -> list[Outcome]:
     """Fail the 1st, 2nd, ... allocation inside operation `name` (a fresh store each time) until it completes."""
-    quantized, prepare, act = OPERATIONS[name]
+    operation = OPERATIONS[name]
     outcomes: list[Outcome] = []
     for fail_at in itertools.count(1):
-        subject = StoreUnderTest(quantized=quantized)
-        prepare(subject)
+        subject = operation.subject()
         before = snapshot(subject.store)
-        proxy = FailingTorch(fail_at)
-        for module in STORE_MODULES:
-            monkeypatch.setattr(importlib.import_module(f"kv_cache.{module}"), "torch", proxy)
+        fault = fail_allocation(fail_at, operation.copying, monkeypatch)
         error: Exception | None = None
         try:
-            act(subject)
+            operation.run(subject)
         except Exception as caught:  # what the caller sees, judged by the tests
             error = caught
         finally:
             monkeypatch.undo()
-        if not proxy.fault.raised:
+        if not fault.raised:
             return outcomes
-        outcomes.append(Outcome(fail_at, error, damage(subject, before, act) if error else None))
+        outcomes.append(Outcome(fail_at, error, damage(subject, before, operation) if error else None))
     raise AssertionError("unreachable")
 
 
-def damage(subject: StoreUnderTest, before: list[Any], act: Callable[[Any], object]) -> str | None:
-    """What a failed operation broke: state changed, invariant violated, or the same operation failing again."""
+def fail_allocation(fail_at: int, copying: str | None, monkeypatch: pytest.MonkeyPatch) -> Fault:
+    """Make the `fail_at`-th allocation raise: of the store modules' torch functions, or of tensor method `copying`."""
+    if copying is None:
+        proxy = FailingTorch(fail_at)
+        for module in STORE_MODULES:
+            monkeypatch.setattr(importlib.import_module(f"kv_cache.{module}"), "torch", proxy)
+        return proxy.fault
+    fault, method = Fault((fail_at,)), getattr(torch.Tensor, copying)
+
+    def failing(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        fault()
+        return method(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, copying, failing)
+    return fault
+
+
+def damage(subject: StoreUnderTest, before: list[Any], operation: Operation) -> str | None:
+    """What a failed operation broke: state changed, invariant violated, the same operation failing again, or
+    then ending elsewhere than on a store that never failed (other block ids: the free stack's order changed)."""
     try:
         assert_same(before, snapshot(subject.store))
     except (AssertionError, Exception) as error:
         return f"state changed: {error!r}"[:300]
     try:
         subject.store.check_invariants()
-        act(subject)
+        operation.run(subject)
         subject.store.check_invariants()
     except Exception as error:
         return f"unusable afterwards: {error!r}"[:300]
+    unharmed = operation.subject()
+    operation.run(unharmed)
+    try:
+        assert_same(snapshot(unharmed.store), snapshot(subject.store))
+    except (AssertionError, Exception) as error:
+        return f"differs from a store that never failed: {error!r}"[:300]
     return None
 
 
-PARTIAL = "BUG: an allocation failing inside this operation leaves it half done (blocks taken, seals or cuts made)"
-
-
-def marked(reason: str, names: list[str]) -> list[Any]:
-    mark = pytest.mark.xfail(strict=True, reason=reason)
-    return [pytest.param(name, marks=[mark] if name in names else []) for name in OPERATIONS]
-
-
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("name", marked(PARTIAL, [n for n in OPERATIONS if not n.startswith("read")]))
+@pytest.mark.parametrize("name", list(OPERATIONS))
 def test_an_oom_anywhere_inside_a_store_operation_changes_nothing(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     outcomes = sweep(name, monkeypatch)
     assert outcomes, "no allocation was injected into"
