@@ -45,7 +45,6 @@ from typing import Any
 
 import torch
 from prefix_cache import build_model, describe  # benchmarks/prefix_cache.py
-from redis_tier import start_server  # benchmarks/redis_tier.py
 
 from kv_cache import KVCacheConfig
 from kv_cache.engine import EngineConfig, KVCacheEngine, SamplingParams
@@ -221,6 +220,8 @@ def ladder_engine(model: Any, args: argparse.Namespace, url: str | None) -> KVCa
 
 def ladder(model: Any, args: argparse.Namespace) -> list[str]:
     """Median TTFT of each path over fresh prefixes, the paths interleaved (see the module docstring)."""
+    from redis_tier import start_server  # benchmarks/redis_tier.py; needs the `redis` extra, so only here
+
     names = ("cold", "pool hit", "Redis hit", "cold, Redis down", "cold, no Redis")
     times: dict[str, list[float]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as directory:

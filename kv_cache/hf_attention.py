@@ -91,7 +91,7 @@ def paged_attention(
     if handoff is None or handoff.layer_idx != layer_idx:
         raise CacheError(
             f"attn_implementation={ATTENTION_NAME!r} reads a kv_cache KVCache: pass "
-            "past_key_values=KVCache(config, model.config) (layer handoff missing for layer {layer_idx})"
+            f"past_key_values=KVCache(config, model.config) (layer handoff missing for layer {layer_idx})"
         )
     _HANDOFF.set(None)
     cache = handoff.cache
@@ -102,22 +102,19 @@ def paged_attention(
     kv = cache.store.paged_kv(seq_ids, layer)
     evictor = cache.evictor
     wants_mass = evictor is not None and evictor.needs_attention_mass
+    q_len = query.shape[2]
+    # A decode step is prefill of q_len 1 (the same launch as `decode`), which takes HF's layout without a reshape.
     mass = None
-    if query.shape[2] == 1 and wants_mass:
-        out, mass = attention.decode(
-            query[:, :, 0], kv, scale=scaling, sliding_window=window, return_attention_mass=True
-        )
-        out = out.unsqueeze(2)
-    elif query.shape[2] == 1:
-        out = attention.decode(query[:, :, 0], kv, scale=scaling, sliding_window=window).unsqueeze(2)
+    if wants_mass and q_len == 1:
+        out, mass = attention.prefill(query, kv, scale=scaling, sliding_window=window, return_attention_mass=True)
     else:
         out = attention.prefill(query, kv, scale=scaling, sliding_window=window)
-        if wants_mass:  # SnapKV: score the prompt by its last `observation_window` queries
-            observed = query[:, :, -cache.config.observation_window :]
-            _, mass = attention.prefill(observed, kv, scale=scaling, sliding_window=window, return_attention_mass=True)
+    if wants_mass and q_len > 1:  # SnapKV: score the prompt by its last `observation_window` queries
+        observed = query[:, :, -cache.config.observation_window :]
+        _, mass = attention.prefill(observed, kv, scale=scaling, sliding_window=window, return_attention_mass=True)
     if evictor is not None:
         if mass is not None:
-            evictor.observe(seq_ids, layer, mass, min(query.shape[2], cache.config.observation_window))
+            evictor.observe(seq_ids, layer, mass, min(q_len, cache.config.observation_window))
         evictor.evict(seq_ids, layer)
     return out.transpose(1, 2), None
 

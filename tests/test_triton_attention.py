@@ -201,3 +201,26 @@ def test_unsupported_kernel_shapes_raise(triton_attention: ModuleType) -> None:
     strided = replace(case.kv, key_cache=case.kv.key_cache.transpose(0, 1).contiguous().transpose(0, 1))
     with pytest.raises(CacheValidationError, match="contiguous"):
         triton_attention.decode(case.query[:, :, 0], strided)
+
+
+def test_plan_is_reused_and_bad_inputs_still_raise(
+    triton_attention: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second call with the same layout skips validation, returns a fresh output equal to the first; a call
+    whose layout or options differ is validated again."""
+    case = make_case(triton_spec("fp16", "decode", 4, "several", seed=5), BACKEND.device)
+    query = case.query[:, :, 0]
+    validated = []
+    monkeypatch.setattr(triton_attention, "validate", lambda *args, **kw: validated.append(args))
+    monkeypatch.setattr(triton_attention, "_PLANS", {})
+    first = triton_attention.decode(query, case.kv, scale=0.5)
+    second = triton_attention.decode(query, case.kv, scale=0.5)
+    assert len(validated) == 1 and second.data_ptr() != first.data_ptr()
+    torch.testing.assert_close(second, first, atol=0, rtol=0)
+    monkeypatch.undo()
+    with pytest.raises(CacheValidationError, match="scale"):
+        triton_attention.decode(query, case.kv, scale=-0.5)
+    with pytest.raises(CacheValidationError, match="sliding_window"):
+        triton_attention.decode(query, case.kv, scale=0.5, sliding_window=True)
+    with pytest.raises(CacheValidationError, match="batch"):
+        triton_attention.decode(query[:1], case.kv, scale=0.5)

@@ -21,6 +21,7 @@ kernels nor triton; the Triton modules load on first use.
 from __future__ import annotations
 
 import importlib
+import sys
 from enum import Enum
 from types import ModuleType
 from typing import Literal, overload
@@ -147,7 +148,7 @@ def prefill(
 def select_backend(query: torch.Tensor, kv: PagedKV, backend: Backend | str = Backend.AUTO) -> ModuleType:
     """The backend module that `decode`/`prefill` would run for these inputs (rules in the module docstring)."""
     try:
-        choice = Backend(backend)
+        choice = backend if isinstance(backend, Backend) else Backend(backend)
     except ValueError:
         raise CacheValidationError(f"backend={backend!r} is not known; use 'auto', 'triton' or 'reference'") from None
     if choice is Backend.REFERENCE:
@@ -164,9 +165,15 @@ def select_backend(query: torch.Tensor, kv: PagedKV, backend: Backend | str = Ba
     return reference
 
 
+TRITON_MODULE = "kv_cache.attention.triton_attention"
+
+
 def _triton_backend() -> ModuleType | None:
     """`triton_attention`, imported on first use (then from `sys.modules`); None when triton is not installed."""
+    module = sys.modules.get(TRITON_MODULE)  # the per-call path: a dict lookup, not the import machinery
+    if module is not None:
+        return module
     try:
-        return importlib.import_module("kv_cache.attention.triton_attention")
+        return importlib.import_module(TRITON_MODULE)
     except ImportError:
         return None

@@ -12,6 +12,11 @@ kernels' requirements, checked before launch (CacheValidationError otherwise):
 
 Without `return_attention_mass` the launch reads no data on the host (no device sync), so it can be captured in
 a CUDA graph. The mass needs the longest sequence length for its width: one sync, then a second pass.
+
+Host cost per call: these checks, the kernel configuration, the grid and the kernels' scalar and constexpr
+arguments depend only on the tensors' shapes, strides, dtypes and devices and on the options, so `cached_plan`
+computes them once per distinct key (`LaunchPlan`) and a call then costs a key, a dict lookup, its buffers
+(allocated per call: the output is the caller's) and the launches.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -27,6 +33,7 @@ import triton.language as tl
 from kv_cache.attention import triton_kernels as kernels
 from kv_cache.attention.paged_kv import AttentionOptions, AttentionOutput, PagedKV, QuantizedKV, validate
 from kv_cache.errors import CacheValidationError
+from kv_cache.quantizer import SUPPORTED_BITS
 
 LOG2_E = 1.4426950408889634
 PROGRAMS_PER_SM = 4  # split until the grid has about this many programs per multiprocessor
@@ -70,10 +77,9 @@ def decode(
     query: `[batch, q_heads, head_dim]`. Returns `[batch, q_heads, head_dim]` in the query dtype (and the mass
     `[batch, q_heads, seq_len]` fp32 if asked).
     """
-    validate(query, kv, query_dims=3)
-    options = AttentionOptions(scale, sliding_window, sink_tokens, return_attention_mass)
-    output, mass = launch(query.unsqueeze(2), kv, options)
-    return (output.squeeze(2), mass) if mass is not None else output.squeeze(2)
+    plan = cached_plan(query, kv, (scale, sliding_window, sink_tokens))
+    output, mass = run(plan, query, kv, return_attention_mass)
+    return (output, mass) if mass is not None else output
 
 
 def prefill(
@@ -90,94 +96,182 @@ def prefill(
     query: `[batch, q_heads, q_len, head_dim]`. Returns `[batch, q_heads, q_len, head_dim]` in the query dtype
     (and the mass averaged over the queries, `[batch, q_heads, seq_len]` fp32, if asked).
     """
-    validate(query, kv, query_dims=4)
-    options = AttentionOptions(scale, sliding_window, sink_tokens, return_attention_mass)
-    output, mass = launch(query, kv, options)
+    plan = cached_plan(query, kv, (scale, sliding_window, sink_tokens), query_dims=4)
+    output, mass = run(plan, query, kv, return_attention_mass)
     return (output, mass) if mass is not None else output
 
 
 def launch(
     query: torch.Tensor, kv: PagedKV, options: AttentionOptions, config: KernelConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the kernels. query `[batch, q_heads, q_len, head_dim]` -> (output like query, mass or None).
+    """Run the kernels with `config` (tests, benchmarks), or with the cached plan (config None: `choose_config`).
 
-    `query` and `kv` must have passed `paged_kv.validate`; this checks what the kernels need on top.
+    query: `[batch, q_heads, q_len, head_dim]`. Returns (output like query, mass `[batch, q_heads, seq_len]` fp32
+    or None).
     """
-    check_kernel_inputs(query, kv)
-    batch, q_heads, q_len, head_dim = query.shape
-    config = config or choose_config(query, kv)
-    num_splits = config.quant_splits + config.tail_splits
-    direct = kv.quantized is None and num_splits == 1
-    part_rows = 1 if direct else batch * q_heads * q_len * num_splits
-    job = _Job(
-        query,
-        kv,
-        options,
-        config,
-        output=torch.empty(query.shape, dtype=query.dtype, device=query.device),
-        lse=torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=query.device),
-        partial=torch.empty((part_rows, head_dim), dtype=torch.float32, device=query.device),
-        stats=torch.empty((part_rows, 2), dtype=torch.float32, device=query.device),
-    )
-    _run_kernel(job, job.lse, 0, (kernels.MODE_DIRECT if direct else kernels.MODE_SPLIT).value)
-    if not direct:
-        kernels.reduce_splits_kernel[(batch * q_heads * q_len,)](
-            job.partial,
-            job.stats,
-            job.output,
-            job.lse,
-            num_splits,
-            HEAD_DIM=head_dim,
-            SPLITS_PAD=triton.next_power_of_2(num_splits),
-        )
-    if not options.return_attention_mass:
-        return job.output, None
-    mass_len = int(kv.total_lens().max()) if batch else 0
-    mass = torch.zeros((batch, q_heads, mass_len), dtype=torch.float32, device=query.device)
-    _run_kernel(job, mass, mass_len, kernels.MODE_MASS.value)
-    return job.output, mass
+    if config is None:
+        plan = cached_plan(query, kv, (options.scale, options.sliding_window, options.sink_tokens), query_dims=4)
+    else:
+        validate(query, kv, query_dims=4)
+        plan = make_plan(query, kv, options, config)
+    return run(plan, query, kv, options.return_attention_mass)
 
 
 @dataclass(frozen=True)
-class _Job:
-    """One call's inputs and buffers: output like query, lse `[batch, q_heads, q_len]` fp32 (log2), and the
-    splits' partial accumulators `[rows * splits, head_dim]` fp32 with their (max, sum) `[rows * splits, 2]`."""
+class LaunchPlan:
+    """What a launch needs beyond the tensors: everything that follows from their shapes, dtypes, devices and
+    strides and from the options, computed (and checked) once per distinct key by `cached_plan`.
 
-    query: torch.Tensor
-    kv: PagedKV
-    options: AttentionOptions
+    direct: one split over full-precision blocks, so the kernel writes the output itself (no partials, no
+    reduce). rows: query rows, batch x q_heads x q_len. split_args: the kernel's integer and float arguments
+    after the tensors, with mass_len (the only one read from data) at `MASS_LEN_ARG`. constants: its constexprs
+    and launch options, MODE excepted.
+    """
+
     config: KernelConfig
-    output: torch.Tensor
-    lse: torch.Tensor
-    partial: torch.Tensor
-    stats: torch.Tensor
+    grid: tuple[int, int, int]
+    direct: bool
+    rows: int
+    head_dim: int
+    output_shape: tuple[int, ...]
+    split_args: tuple[float, ...]
+    constants: dict[str, Any]
+
+    @property
+    def num_splits(self) -> int:
+        return self.config.quant_splits + self.config.tail_splits
 
 
-def _run_kernel(job: _Job, mass: torch.Tensor, mass_len: int, mode: int) -> None:
-    """One launch of the attention kernel in `mode`; mass `[batch, q_heads, mass_len]` fp32 is used by MODE_MASS."""
-    query, kv, options, config = job.query, job.kv, job.options, job.config
-    batch, q_heads, q_len, head_dim = query.shape
+MASS_LEN_ARG = 7  # index of mass_len in `LaunchPlan.split_args`
+PLAN_CACHE_SIZE = 64  # plans kept, newest last: decode meets a new block-table width every block_size tokens
+_PLANS: dict[tuple, LaunchPlan] = {}
+
+
+def cached_plan(
+    query: torch.Tensor, kv: PagedKV, options: tuple[float | None, int | None, int], query_dims: int = 3
+) -> LaunchPlan:
+    """The launch plan of these inputs, built (after `validate` and `check_kernel_inputs`) on the first call with
+    their key, then looked up: validity depends only on what the key holds (no check here reads data).
+
+    query: `[batch, q_heads, head_dim]` (query_dims=3) or `[batch, q_heads, q_len, head_dim]` (4);
+    options: (scale, sliding_window, sink_tokens) as `decode` takes them.
+    """
+    key = _plan_key(query, kv, options, query_dims)
+    try:
+        plan = _PLANS.get(key) if key is not None else None
+    except TypeError:  # an unhashable option: validation rejects it
+        key = plan = None
+    if plan is None:
+        validate(query, kv, query_dims=query_dims)
+        plan = make_plan(query, kv, AttentionOptions(*options))
+        if key is not None:
+            if len(_PLANS) >= PLAN_CACHE_SIZE:
+                del _PLANS[next(iter(_PLANS))]
+            _PLANS[key] = plan
+    return plan
+
+
+def _plan_key(query: torch.Tensor, kv: PagedKV, options: tuple, query_dims: int) -> tuple | None:
+    """Shape, strides, dtype and device of every tensor, and the options with their types; None for inputs that
+    are not tensors and a `PagedKV` (validation says why)."""
+    if not isinstance(query, torch.Tensor) or type(kv) is not PagedKV:
+        return None
+    part = kv.quantized
+    tensors = [query, kv.key_cache, kv.value_cache, kv.block_table, kv.seq_lens]
+    if part is not None:
+        if type(part) is not QuantizedKV:
+            return None
+        tensors += [part.key_codes, part.key_scale, part.key_zero, part.value_codes, part.value_scale]
+        tensors += [part.value_zero, part.block_table, part.seq_lens]
+    try:
+        layout = tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+    except (AttributeError, TypeError):
+        return None
+    return query_dims, layout, options, tuple(map(type, options))
+
+
+def make_plan(
+    query: torch.Tensor, kv: PagedKV, options: AttentionOptions, config: KernelConfig | None = None
+) -> LaunchPlan:
+    """Check what the kernels need on top of `paged_kv.validate` and plan the launch (see `LaunchPlan`).
+
+    query: `[batch, q_heads, head_dim]` or `[batch, q_heads, q_len, head_dim]`; it must have passed `validate`.
+    """
+    check_kernel_inputs(query, kv)
+    query4 = query if query.dim() == 4 else query.unsqueeze(2)
+    batch, q_heads, q_len, head_dim = query4.shape
+    config = config or choose_config(query4, kv)
     group = q_heads // kv.kv_heads
     group_pad = triton.next_power_of_2(group)
     part = kv.quantized
-    quant = _quant_args(part) if part is not None else (kv.key_cache,) * 6 + (kv.block_table, kv.seq_lens)
-    splits = config.quant_splits + config.tail_splits
-    grid = (batch * kv.kv_heads, splits, math.ceil(q_len / (config.block_m // group_pad)))
     window = options.sliding_window
-    kernels.paged_attention_kernel[grid](
-        query, job.output, job.lse, job.partial, job.stats, mass,
-        kv.key_cache, kv.value_cache, kv.block_table, kv.seq_lens, *quant,
-        query.stride(0), query.stride(1), query.stride(2), kv.block_table.stride(0), quant[6].stride(0),
-        kv.kv_heads, q_len, mass_len, options.softmax_scale(head_dim) * LOG2_E, window or 0, options.sink_tokens,
+    qtable_stride = part.block_table.stride(0) if part is not None else 0
+    grid = (
+        batch * kv.kv_heads,
+        config.quant_splits + config.tail_splits,
+        math.ceil(q_len / (config.block_m // group_pad)),
+    )
+    split_args = (
+        *query4.stride()[:3], kv.block_table.stride(0), qtable_stride, kv.kv_heads, q_len, 0,
+        options.softmax_scale(head_dim) * LOG2_E, window or 0, options.sink_tokens,
         config.quant_splits, config.tail_splits,
+    )  # fmt: skip
+    constants = dict(
         GROUP=group, GROUP_PAD=group_pad, BLOCK_M=config.block_m, HEAD_DIM=head_dim, BLOCK_SIZE=kv.block_size,
         TILE_N=config.tile_n, QBLOCK=part.block_size if part else 16, BITS=part.bits if part else 8,
         VGROUP=part.group_size if part else 16, VCHUNK=_value_chunk(part, head_dim), HAS_QUANT=part is not None,
-        HAS_WINDOW=window is not None,
-        MODE=mode, DOT_DTYPE=_dot_dtype(kv.key_cache.dtype),
+        HAS_WINDOW=window is not None, DOT_DTYPE=_dot_dtype(kv.key_cache.dtype),
         PRECISION="ieee" if kv.key_cache.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
+    direct = part is None and config.quant_splits + config.tail_splits == 1
+    rows = batch * q_heads * q_len
+    return LaunchPlan(config, grid, direct, rows, head_dim, tuple(query.shape), split_args, constants)
+
+
+def run(
+    plan: LaunchPlan, query: torch.Tensor, kv: PagedKV, return_attention_mass: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch `plan` on these tensors: (output `plan.output_shape` in the query dtype, mass or None).
+
+    Every buffer is allocated per call (the output is the caller's; the partials are cheap from the caching
+    allocator, and per-call buffers stay correct across streams and inside CUDA graphs): lse `[rows]` fp32
+    (log2), and unless `plan.direct` the splits' accumulators `[rows * splits, head_dim]` fp32 with their
+    (max, sum) `[rows * splits, 2]`. Reads no data on the host unless `return_attention_mass`.
+    """
+    device = query.device
+    output = torch.empty(plan.output_shape, dtype=query.dtype, device=device)
+    lse = torch.empty(plan.rows, dtype=torch.float32, device=device)
+    partial = stats = None
+    if not plan.direct:
+        partial = torch.empty((plan.rows * plan.num_splits, plan.head_dim), dtype=torch.float32, device=device)
+        stats = torch.empty((plan.rows * plan.num_splits, 2), dtype=torch.float32, device=device)
+    part = kv.quantized
+    # Unused pointers are None: Triton binds them as constexprs (no pointer specialization, not passed on).
+    quant = (
+        (part.key_codes, part.key_scale, part.key_zero, part.value_codes, part.value_scale, part.value_zero,
+         part.block_table, part.seq_lens) if part is not None else (None,) * 8
+    )  # fmt: skip
+    tensors = (kv.key_cache, kv.value_cache, kv.block_table, kv.seq_lens, *quant)
+    mode = kernels.MODE_DIRECT if plan.direct else kernels.MODE_SPLIT
+    kernels.paged_attention_kernel[plan.grid](
+        query, output, lse, partial, stats, None, *tensors, *plan.split_args, MODE=mode.value, **plan.constants
+    )
+    if partial is not None:
+        kernels.reduce_splits_kernel[(plan.rows,)](
+            partial, stats, output, lse, plan.num_splits, HEAD_DIM=plan.head_dim,
+            SPLITS_PAD=triton.next_power_of_2(plan.num_splits),
+        )  # fmt: skip
+    if not return_attention_mass:
+        return output, None
+    batch, q_heads = plan.output_shape[:2]
+    mass_len = int(kv.total_lens().max()) if batch else 0
+    mass = torch.zeros((batch, q_heads, mass_len), dtype=torch.float32, device=device)
+    args = (*plan.split_args[:MASS_LEN_ARG], mass_len, *plan.split_args[MASS_LEN_ARG + 1 :])
+    kernels.paged_attention_kernel[plan.grid](
+        query, None, lse, None, None, mass, *tensors, *args, MODE=kernels.MODE_MASS.value, **plan.constants
+    )
+    return output, mass
 
 
 def _dot_dtype(cache_dtype: torch.dtype) -> tl.dtype:
@@ -196,19 +290,6 @@ def _value_chunk(part: QuantizedKV | None, head_dim: int) -> int:
     if part is None:
         return 16
     return min(head_dim * part.bits // 8, part.group_size)
-
-
-def _quant_args(part: QuantizedKV) -> tuple[torch.Tensor, ...]:
-    return (
-        part.key_codes,
-        part.key_scale,
-        part.key_zero,
-        part.value_codes,
-        part.value_scale,
-        part.value_zero,
-        part.block_table,
-        part.seq_lens,
-    )
 
 
 def choose_config(query: torch.Tensor, kv: PagedKV) -> KernelConfig:
@@ -292,20 +373,34 @@ def unsupported_shape(kv: PagedKV) -> str | None:
     every `tl.dot` needs >= 16 along each side: a packed part (head_dim * bits / 8 channels) and a value chunk
     (one part within one group) must hold >= 16 channels, with at most 4 chunks per head.
     """
-    sizes = {"head_dim": kv.head_dim}
-    if kv.quantized is not None:
-        sizes |= {"quantized block_size": kv.quantized.block_size, "value group_size": kv.quantized.group_size}
-    for name, size in sizes.items():
+    part = kv.quantized
+    if part is None:
+        return _unsupported_sizes(kv.key_cache.shape[-1], None)
+    codes = part.key_codes.shape
+    return _unsupported_sizes(kv.key_cache.shape[-1], (codes[1], codes[-1], part.value_scale.shape[-1]))
+
+
+@functools.lru_cache(maxsize=64)
+def _unsupported_sizes(head_dim: int, quantized: tuple[int, int, int] | None) -> str | None:
+    """`unsupported_shape` from the sizes alone; quantized: (block_size, packed_dim, value groups) or None."""
+    if not _is_tile_size(head_dim):
+        return f"head_dim={head_dim} must be a power of two >= 16"
+    if quantized is None:
+        return None
+    block_size, packed, groups = quantized
+    bits = packed * 8 // head_dim
+    if bits not in SUPPORTED_BITS or packed * 8 != head_dim * bits:
+        return f"packed_dim={packed} packs head_dim={head_dim} at no supported width"
+    group_size = head_dim // groups if groups else 0
+    for name, size in {"quantized block_size": block_size, "value group_size": group_size}.items():
         if not _is_tile_size(size):
             return f"{name}={size} must be a power of two >= 16"
-    part = kv.quantized
-    if part is not None:
-        packed, chunk = kv.head_dim * part.bits // 8, _value_chunk(part, kv.head_dim)
-        if packed < 16 or chunk < 16 or chunk * 4 < kv.head_dim:
-            return (
-                f"INT{part.bits} with head_dim={kv.head_dim} and value group_size={part.group_size} gives packed "
-                f"parts of {packed} channels and value chunks of {chunk}; both must be >= 16 and >= head_dim / 4"
-            )
+    chunk = min(packed, group_size)
+    if packed < 16 or chunk < 16 or chunk * 4 < head_dim:
+        return (
+            f"INT{bits} with head_dim={head_dim} and value group_size={group_size} gives packed parts of {packed} "
+            f"channels and value chunks of {chunk}; both must be >= 16 and >= head_dim / 4"
+        )
     return None
 
 
