@@ -26,6 +26,7 @@ import importlib
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -224,3 +225,26 @@ def test_plan_is_reused_and_bad_inputs_still_raise(
         triton_attention.decode(query, case.kv, scale=0.5, sliding_window=True)
     with pytest.raises(CacheValidationError, match="batch"):
         triton_attention.decode(query[:1], case.kv, scale=0.5)
+
+
+def test_plan_cache_stays_bounded_under_threads(triton_attention: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads decoding with different caches insert and evict plans at once: no error, the bound holds."""
+    case = make_case(triton_spec("fp16", "decode", 4, "several", seed=6), BACKEND.device)
+    query = case.query[:, :, 0]
+    monkeypatch.setattr(triton_attention, "_PLANS", {})
+    monkeypatch.setattr(triton_attention, "PLAN_CACHE_SIZE", 2)
+    errors: list[BaseException] = []
+
+    def plan_many(worker: int) -> None:
+        try:
+            for step in range(200):
+                triton_attention.cached_plan(query, case.kv, (0.1 + (worker * 200 + step) * 1e-3, None, 0))
+        except BaseException as error:  # the test reports it
+            errors.append(error)
+
+    threads = [threading.Thread(target=plan_many, args=(worker,)) for worker in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(triton_attention._PLANS) <= 2

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,6 +146,7 @@ class LaunchPlan:
 MASS_LEN_ARG = 7  # index of mass_len in `LaunchPlan.split_args`
 PLAN_CACHE_SIZE = 64  # plans kept, newest last: decode meets a new block-table width every block_size tokens
 _PLANS: dict[tuple, LaunchPlan] = {}
+_PLANS_LOCK = threading.Lock()  # inserts and evictions (threads may decode with different caches at once)
 
 
 def cached_plan(
@@ -165,9 +167,10 @@ def cached_plan(
         validate(query, kv, query_dims=query_dims)
         plan = make_plan(query, kv, AttentionOptions(*options))
         if key is not None:
-            if len(_PLANS) >= PLAN_CACHE_SIZE:
-                del _PLANS[next(iter(_PLANS))]
-            _PLANS[key] = plan
+            with _PLANS_LOCK:
+                while len(_PLANS) >= PLAN_CACHE_SIZE:
+                    del _PLANS[next(iter(_PLANS))]
+                _PLANS[key] = plan
     return plan
 
 
