@@ -214,7 +214,7 @@ def ttft(engine: KVCacheEngine, prompt: list[int]) -> float:
 
 def ladder_engine(model: Any, args: argparse.Namespace, url: str | None) -> KVCacheEngine:
     blocks = (args.prefix + 32) // 16 + 4
-    config = KVCacheConfig(num_blocks=4 * blocks, block_size=16, max_tokens=4096, device="cpu")
+    config = KVCacheConfig(num_blocks=4 * blocks, block_size=16, max_tokens=4096, device=model_device(model))
     return KVCacheEngine(model, config, EngineConfig(prefill_chunk_size=2048, redis_url=url))
 
 

@@ -29,11 +29,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from prefix_cache import build_model  # benchmarks/prefix_cache.py
+from transformers import PreTrainedModel
 
 from kv_cache import CacheStrategy, KVCache, KVCacheConfig
 from kv_cache.hf_attention import register_attention
-from kv_cache.reference_model import encode, heldout_text, load_reference_model
+from kv_cache.reference_model import encode, heldout_text
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "full": {},
@@ -41,27 +42,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "H2O+SnapKV 4x": {"cache_strategy": CacheStrategy.LFU, "compression_ratio": 0.75, "sink_tokens": 4},
     "adaptive 4x": {"cache_strategy": CacheStrategy.ADAPTIVE, "compression_ratio": 0.75, "sink_tokens": 4},
 }
-
-
-def build_model(name: str, device: torch.device) -> PreTrainedModel:
-    """The shipped reference model (fp32), or a random-weight Llama-1B shape in bf16."""
-    if name == "reference":
-        model = load_reference_model().to(device)
-    else:
-        config = LlamaConfig(
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=32000,
-            max_position_embeddings=8192,
-        )
-        torch.manual_seed(0)
-        with device:  # initialise on the GPU: a 1B model's CPU init takes longer than the benchmark
-            model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.set_attn_implementation(register_attention())
-    return model.eval()
 
 
 class EvictionClock:
@@ -127,7 +107,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = build_model(args.model, device)
+    model = build_model(args.model, args.device)
+    model.set_attn_implementation(register_attention())
     ids = encode(heldout_text())
     prompts = torch.stack([ids[i * 3000 : i * 3000 + args.prompt] for i in range(args.batch)]).to(device)
     decode_once(model, {}, prompts, 4)  # warm-up (kernels, allocator)

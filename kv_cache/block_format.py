@@ -124,10 +124,6 @@ class BlockFormat:
     layer_bits: tuple[int, ...] | None = None
     group_size: int = 64
 
-    @property
-    def is_quantized(self) -> bool:
-        return self.layer_bits is not None
-
     def layer_bytes_per_block(self, layer: int) -> int:
         """Bytes of one block in `layer`: keys and values, codes plus fp16 scales and zeros."""
         elements = self.block_size * self.kv_heads * self.head_dim

@@ -59,22 +59,33 @@ def _parse_dtype(value: Any) -> torch.dtype | None:
     )
 
 
-def _parse_enum(name: str, enum: type[Enum], value: Any) -> Any:
+def parse_enum(name: str, enum: type[Enum], value: Any) -> Any:
+    """`value` as a member of `enum` (a member, its value, or its value's name in any case); else
+    `CacheValidationError` naming the field and the allowed values."""
     if isinstance(value, enum):
         return value
     try:
         return enum(value.lower() if isinstance(value, str) else value)
     except ValueError:
-        allowed = ", ".join(f"{enum.__name__}.{m.name}" for m in enum)
+        allowed = ", ".join(repr(member.value) for member in enum)
         raise CacheValidationError(f"{name}={value!r} is not supported; use one of {allowed}") from None
 
 
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    """`CacheValidationError` naming `name` unless `value` is an int (not a bool) in `[low, high]`."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise CacheValidationError(f"{name}={value!r} must be an int")
     if value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"between {low} and {high}"
         raise CacheValidationError(f"{name}={value} is out of range; use a value {bound}")
+
+
+def check_mib(name: str, value: Any) -> None:
+    """`CacheValidationError` naming `name` unless `value` is a finite, positive number of MiB."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CacheValidationError(f"{name}={value!r} must be a finite number of MiB")
+    if value <= 0:
+        raise CacheValidationError(f"{name}={value} must be > 0")
 
 
 @dataclass
@@ -139,36 +150,33 @@ class KVCacheConfig:
     observation_window: int = 32
 
     def __post_init__(self) -> None:
-        _check_int("max_tokens", self.max_tokens, 1)
+        check_int("max_tokens", self.max_tokens, 1)
         if not isinstance(self.use_quantization, bool):
             raise CacheValidationError(f"use_quantization={self.use_quantization!r} must be True or False")
         if self.block_size is None:
             self.block_size = QUANTIZED_BLOCK_SIZE if self.use_quantization else FULL_PRECISION_BLOCK_SIZE
-        _check_int("block_size", self.block_size, 1, MAX_BLOCK_SIZE)
+        check_int("block_size", self.block_size, 1, MAX_BLOCK_SIZE)
         if self.block_size & (self.block_size - 1):
             raise CacheValidationError(f"block_size={self.block_size} must be a power of two (1, 2, 4, ..., 1024)")
         if self.num_blocks is not None:
-            _check_int("num_blocks", self.num_blocks, 1)
+            check_int("num_blocks", self.num_blocks, 1)
         if self.memory_budget_mb is not None:
-            budget = self.memory_budget_mb
-            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
-                raise CacheValidationError(f"memory_budget_mb={budget!r} must be a finite number of MiB")
-            if budget <= 0:
-                raise CacheValidationError(f"memory_budget_mb={budget} must be > 0")
+            check_mib("memory_budget_mb", self.memory_budget_mb)
             if self.num_blocks is not None:
                 raise CacheValidationError(
-                    f"num_blocks={self.num_blocks} and memory_budget_mb={budget} are both set; set only one of them"
+                    f"num_blocks={self.num_blocks} and memory_budget_mb={self.memory_budget_mb} are both set; "
+                    "set only one of them"
                 )
         self.dtype = _parse_dtype(self.dtype)
         if not isinstance(self.device, (str, torch.device)):
             raise CacheValidationError(f"device={self.device!r} must be a string such as 'auto', 'cpu', 'cuda:0'")
         self.device = str(self.device)
         resolve_device(self.device)  # raises CacheDeviceError for a device this machine does not have
-        self.cache_strategy = _parse_enum("cache_strategy", CacheStrategy, self.cache_strategy)
-        self.cache_mode = _parse_enum("cache_mode", CacheMode, self.cache_mode)
+        self.cache_strategy = parse_enum("cache_strategy", CacheStrategy, self.cache_strategy)
+        self.cache_mode = parse_enum("cache_mode", CacheMode, self.cache_mode)
         if not isinstance(self.enable_profiling, bool):
             raise CacheValidationError(f"enable_profiling={self.enable_profiling!r} must be True or False")
-        _check_int("history_size", self.history_size, 1)
+        check_int("history_size", self.history_size, 1)
         interval = self.snapshot_interval_s
         if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 <= interval < math.inf:
             raise CacheValidationError(f"snapshot_interval_s={interval!r} must be a number of seconds >= 0")
@@ -182,14 +190,14 @@ class KVCacheConfig:
 
     def _check_eviction(self) -> None:
         if self.token_budget is not None:
-            _check_int("token_budget", self.token_budget, 1)
+            check_int("token_budget", self.token_budget, 1)
         ratio = self.compression_ratio
         if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1):
             raise CacheValidationError(f"compression_ratio={ratio!r} must be a fraction of tokens evicted, in (0, 1)")
         if self.token_budget is not None and ratio is not None:
             raise CacheValidationError("token_budget and compression_ratio are both set; set only one of them")
-        _check_int("sink_tokens", self.sink_tokens, 0)
-        _check_int("observation_window", self.observation_window, 1)
+        check_int("sink_tokens", self.sink_tokens, 0)
+        check_int("observation_window", self.observation_window, 1)
         if self.token_budget is not None and self.sink_tokens >= self.token_budget:
             raise CacheValidationError(
                 f"sink_tokens={self.sink_tokens} must be smaller than token_budget={self.token_budget}"
@@ -209,10 +217,10 @@ class KVCacheConfig:
         for name, bits in [("quantization_bits", self.quantization_bits), *self._layer_bit_items()]:
             if bits not in QUANTIZATION_BITS or isinstance(bits, bool):
                 raise CacheValidationError(f"{name}={bits!r} is not supported; use 2, 4 or 8")
-        _check_int("quantization_group_size", self.quantization_group_size, 1)
+        check_int("quantization_group_size", self.quantization_group_size, 1)
         if not isinstance(self.check_finite, bool):
             raise CacheValidationError(f"check_finite={self.check_finite!r} must be True or False")
-        _check_int("residual_tokens", self.residual_tokens, 0)
+        check_int("residual_tokens", self.residual_tokens, 0)
         if self.use_quantization and self.residual_tokens % self.tokens_per_block:
             raise CacheValidationError(
                 f"residual_tokens={self.residual_tokens} must be a multiple of block_size={self.block_size}"

@@ -564,16 +564,6 @@ class KVStore:
         with self._lock:
             return self._reader().paged_kv(self._batch(seq_ids), self._layer(layer))
 
-    def block_table_tensor(
-        self, seq_ids: Sequence[int], first: int, count: int, quantized: bool = False
-    ) -> torch.Tensor:
-        """`[batch, count]` int64 ids of logical blocks `[first, first + count)` (cached until a table changes).
-
-        `quantized` picks the sealed blocks (`quantized_ids`) instead of the full-precision ones.
-        """
-        with self._lock:
-            return self._reader().block_rows(self._batch(seq_ids), first, count, quantized)[0]
-
     def _reader(self) -> StoreReads:
         if self._reads is None:
             raise CacheValidationError("the cache holds no tokens yet")

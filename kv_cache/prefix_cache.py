@@ -374,11 +374,6 @@ class PrefixCache:
         """Host blocks of demoted entries."""
         return [e.host_id for e in self._entries.values() if e.host_id is not None]
 
-    @property
-    def num_evictable(self) -> int:
-        """Device blocks only the cache holds (free-able by `evict`)."""
-        return sum(1 for block_id in self.device_block_ids() if self.pool.ref_count(block_id) == 1)
-
     def check_invariants(self) -> list[str]:
         """Problems with the index (empty when consistent): index <-> entries, residency, policy membership."""
         problems = []

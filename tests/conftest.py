@@ -1,4 +1,6 @@
-"""Shared fixtures: real `redis-server` processes for the Redis tier's tests and for engine tests that use it.
+"""Shared fixtures: real `redis-server` processes for the Redis tier's tests and for engine tests that use it;
+the shipped reference model (`model`, per module: a test file with another model defines its own `model`); and
+`one_intra_op_thread`, which test files driving tiny models through the engine apply to themselves.
 
 `redis_server` is one server on a free loopback port with persistence off (`--save '' --appendonly no`);
 `start_redis(*options, start=True)` makes more (or one not yet started, for "down at start"). Each is killed at
@@ -19,6 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from transformers import PreTrainedModel
+
+from kv_cache.reference_model import load_reference_model
 
 
 class RedisServer:
@@ -100,3 +106,19 @@ def start_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
 def redis_server(start_redis: Callable[..., RedisServer]) -> RedisServer:
     """One running server with default options."""
     return start_redis()
+
+
+@pytest.fixture(scope="module")
+def model() -> PreTrainedModel:
+    """The shipped 3M-parameter reference model, loaded once per test module."""
+    return load_reference_model()
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two spinning OpenMP threads
+    per process made the engine tests 30x slower (measured). Restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

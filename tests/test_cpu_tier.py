@@ -3,8 +3,6 @@ and accounting, and CPU-tier hits inside the engine."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -14,21 +12,14 @@ from kv_cache.prefix_cache import PrefixCache, chain_hashes, root_hash
 from kv_cache.reference_model import encode, heldout_text, load_reference_model
 from kv_cache.tiers.cpu import CpuTier, host_blocks_per_format
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # conftest.py: tiny models, one thread
+
 DEVICE = torch.device("cpu")
 FORMATS = {
     "fp32": BlockFormat(4, 2, 2, 8, torch.float32),
     "bf16": BlockFormat(4, 2, 2, 8, torch.bfloat16),
     "int4": BlockFormat(4, 2, 2, 8, torch.float32, layer_bits=(4, 2), group_size=4),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """See tests/test_engine.py: one intra-op thread keeps tiny models fast on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def filled_pool(fmt: BlockFormat, num_blocks: int, seed: int = 0) -> BlockPool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,24 +19,11 @@ from kv_cache.engine import (
     SamplingParams,
     UltraAdaptiveKVCacheEngine,
 )
-from kv_cache.reference_model import EOS_ID, PAD_ID, encode, heldout_text, load_reference_model
+from kv_cache.reference_model import EOS_ID, PAD_ID, encode, heldout_text
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # conftest.py: tiny models, one thread
 
 STRICT = InvariantCheck.EVERY_STEP
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two spinning OpenMP
-    threads per process made these tests 30x slower (measured). Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model() -> PreTrainedModel:
-    return load_reference_model()
 
 
 def prompts(count: int, seed: int, longest: int = 90, prefix: str = "") -> list[list[int]]:

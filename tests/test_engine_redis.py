@@ -27,31 +27,17 @@ from transformers import LlamaForCausalLM, PreTrainedModel
 from kv_cache import KVCacheConfig
 from kv_cache.engine import EngineConfig, InvariantCheck, KVCacheEngine, SamplingParams
 from kv_cache.prefix_cache import chain_hashes
-from kv_cache.reference_model import encode, heldout_text, load_reference_model
+from kv_cache.reference_model import encode, heldout_text
 from kv_cache.tiers.redis import redis_key
 
 if TYPE_CHECKING:
     from conftest import RedisServer
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("one_intra_op_thread")]
 SAMPLING = SamplingParams(max_new_tokens=6)
 NAMESPACE = "engine-test"
 BLOCK = 8
 PREFIX = 64  # tokens of the shared prefix: 8 blocks
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """See tests/test_engine.py: one intra-op thread keeps tiny models fast on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model() -> PreTrainedModel:
-    return load_reference_model()
 
 
 QUANTIZED = {"use_quantization": True, "quantization_bits": 4, "residual_tokens": 16, "quantization_group_size": 32}

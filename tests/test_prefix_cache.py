@@ -8,7 +8,6 @@ import io
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,35 +17,22 @@ from kv_cache import BlockFormat, BlockPool, CacheStrategy, KVCacheConfig
 from kv_cache import prefix_cache as prefix_module
 from kv_cache.engine import EngineConfig, InvariantCheck, KVCacheEngine, SamplingParams
 from kv_cache.prefix_cache import PrefixCache, chain_hashes, model_fingerprint, root_hash
-from kv_cache.reference_model import encode, heldout_text, load_reference_model
+from kv_cache.reference_model import encode, heldout_text
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # conftest.py: tiny models, one thread
 FORMAT = BlockFormat(block_size=4, num_layers=2, kv_heads=2, head_dim=8, dtype=torch.float32)
 HASH_SCRIPT = """
 import torch
 from transformers import LlamaConfig
 from kv_cache import BlockFormat
 from kv_cache.prefix_cache import chain_hashes, model_fingerprint, root_hash
+
 fmt = BlockFormat(block_size=16, num_layers=4, kv_heads=2, head_dim=64, dtype=torch.bfloat16)
 root = root_hash("tenant-a", model_fingerprint(LlamaConfig(num_hidden_layers=4), torch.bfloat16), fmt)
 keys = []
 chain_hashes(root, list(range(1000, 1100)), 16, keys)
 print(root.hex(), *(key.hex() for key in keys))
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two spinning OpenMP
-    threads per process made these tests 30x slower (measured). Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model() -> PreTrainedModel:
-    return load_reference_model()
 
 
 def engine_for(model: PreTrainedModel, num_blocks: int = 128, **overrides: object) -> KVCacheEngine:

@@ -34,11 +34,6 @@ from kv_cache.reference_model import (
 HELDOUT_PERPLEXITY_BOUND = 3.0
 
 
-@pytest.fixture(scope="module")
-def model() -> LlamaForCausalLM:
-    return load_reference_model()
-
-
 def test_shipped_model_loads_with_from_pretrained_from_the_package() -> None:
     model = LlamaForCausalLM.from_pretrained(REFERENCE_MODEL_DIR)
     config = model.config

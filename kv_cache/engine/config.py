@@ -10,11 +10,11 @@ repr masks the password of `redis_url`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from kv_cache.config import check_int, check_mib, parse_enum
 from kv_cache.errors import CacheValidationError
 
 if TYPE_CHECKING:  # needs the `redis` extra: imported when a redis_url is set
@@ -34,21 +34,6 @@ class InvariantCheck(str, Enum):
     OFF = "off"
     IDLE = "idle"
     EVERY_STEP = "every_step"
-
-
-def _parse_enum(name: str, enum: type[Enum], value: Any) -> Any:
-    if isinstance(value, enum):
-        return value
-    try:
-        return enum(value.lower() if isinstance(value, str) else value)
-    except ValueError:
-        allowed = ", ".join(repr(member.value) for member in enum)
-        raise CacheValidationError(f"{name}={value!r} is not supported; use one of {allowed}") from None
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise CacheValidationError(f"{name}={value!r} must be an int >= {low}")
 
 
 @dataclass(repr=False)
@@ -103,26 +88,23 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.enable_prefix_caching, bool):
             raise CacheValidationError(f"enable_prefix_caching={self.enable_prefix_caching!r} must be True or False")
-        _check_int("prefill_chunk_size", self.prefill_chunk_size, 1)
-        _check_int("max_num_seqs", self.max_num_seqs, 1)
-        _check_int("oom_retries", self.oom_retries, 0)
-        self.preemption_mode = _parse_enum("preemption_mode", PreemptionMode, self.preemption_mode)
-        self.invariant_check = _parse_enum("invariant_check", InvariantCheck, self.invariant_check)
+        check_int("prefill_chunk_size", self.prefill_chunk_size, 1)
+        check_int("max_num_seqs", self.max_num_seqs, 1)
+        check_int("oom_retries", self.oom_retries, 0)
+        self.preemption_mode = parse_enum("preemption_mode", PreemptionMode, self.preemption_mode)
+        self.invariant_check = parse_enum("invariant_check", InvariantCheck, self.invariant_check)
         if not isinstance(self.namespace, str):
             raise CacheValidationError(f"namespace={self.namespace!r} must be a string")
         if not isinstance(self.pin_memory, bool):
             raise CacheValidationError(f"pin_memory={self.pin_memory!r} must be True or False")
         if self.cpu_tier_blocks is not None:
-            _check_int("cpu_tier_blocks", self.cpu_tier_blocks, 1)
+            check_int("cpu_tier_blocks", self.cpu_tier_blocks, 1)
         if self.cpu_tier_mb is not None:
-            budget = self.cpu_tier_mb
-            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
-                raise CacheValidationError(f"cpu_tier_mb={budget!r} must be a finite number of MiB")
-            if budget <= 0:
-                raise CacheValidationError(f"cpu_tier_mb={budget} must be > 0")
+            check_mib("cpu_tier_mb", self.cpu_tier_mb)
             if self.cpu_tier_blocks is not None:
                 raise CacheValidationError(
-                    f"cpu_tier_blocks={self.cpu_tier_blocks} and cpu_tier_mb={budget} are both set; set only one"
+                    f"cpu_tier_blocks={self.cpu_tier_blocks} and cpu_tier_mb={self.cpu_tier_mb} are both set; "
+                    "set only one"
                 )
         if self.preemption_mode is PreemptionMode.SWAP and not self.has_cpu_tier:
             raise CacheValidationError(

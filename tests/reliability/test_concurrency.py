@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from kv_cache import CacheStatsTracker, KVStore
 from kv_cache.engine import EngineConfig, InvariantCheck, KVCacheEngine, SamplingParams
-from kv_cache.reference_model import encode, heldout_text, load_reference_model
+from kv_cache.reference_model import encode, heldout_text
 from kv_cache.stats import store_gauges
 
 from . import NIGHTLY
@@ -156,11 +156,6 @@ def test_eight_threads_hammer_one_store(spec: Spec) -> None:
     stats = tracker.get_stats()
     assert stats["cached_tokens_read"] == sum(worker.counted for worker in workers)
     assert len(tracker.history()) == min(16, stats["worker_stats"])  # every call snapshots (interval 0)
-
-
-@pytest.fixture(scope="module")
-def model() -> PreTrainedModel:
-    return load_reference_model()
 
 
 @pytest.mark.timeout(180)

@@ -15,7 +15,7 @@ import importlib
 import itertools
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,27 +27,16 @@ from kv_cache import BaseKVCache, CacheMemoryError, KVCacheConfig, KVStore
 from kv_cache.block_format import BlockFormat
 from kv_cache.config import CacheStrategy
 from kv_cache.engine import EngineConfig, InvariantCheck, KVCacheEngine, SamplingParams
-from kv_cache.reference_model import encode, heldout_text, load_reference_model
+from kv_cache.reference_model import encode, heldout_text
 
 from .test_bad_inputs import BLOCK, StoreUnderTest, kv
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # conftest.py: tiny models, one thread
 
 if TYPE_CHECKING:
     from conftest import RedisServer
 
 SAMPLING = SamplingParams(max_new_tokens=5)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model() -> PreTrainedModel:
-    return load_reference_model()
 
 
 def prompts(count: int, length: int = 50) -> list[list[int]]:
