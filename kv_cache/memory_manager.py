@@ -27,7 +27,9 @@ import torch
 
 from kv_cache.block_pool import BlockPool
 from kv_cache.block_table import blocks_needed
-from kv_cache.errors import CacheMemoryError
+from kv_cache.config import KVCacheConfig
+from kv_cache.devices import get_device_info, resolve_device
+from kv_cache.errors import CacheMemoryError, CacheValidationError
 from kv_cache.kv_store import KVStore
 from kv_cache.prefix_cache import PrefixCache, chain_hashes
 from kv_cache.tiers.cpu import CpuTier
@@ -63,37 +65,82 @@ class SwappedSequence:
 class MemoryManager:
     """Block accounting and memory decisions for the sequences of `store`.
 
+    The engine builds one over its store. Built as the seed's `MemoryManager(config, device)` it manages no store
+    of its own: give it to a cache (`BaseKVCache(config, memory_manager=manager)`) and the cache's store operations
+    run under its OOM retry (`run_with_oom_retry`); `memory_info()` reports the device and the pool it watches.
+
     Args:
-        config: the engine's settings (`preemption_mode`, `oom_retries`).
-        device: where the pools live (CUDA gets `empty_cache` on OOM).
-        store: the block store of every request.
+        config: the engine's settings (`preemption_mode`, `oom_retries`), or a `KVCacheConfig` (the engine's
+            defaults then apply: 3 OOM retries).
+        device: where the pools live, a `torch.device` or a string ("auto", "cpu", "cuda:0", ...; an unavailable
+            one raises `CacheDeviceError`). CUDA gets `empty_cache` on OOM.
+        store: the block store of every request (the engine's); None for a standalone manager.
         prefix_cache: the prefix cache over `store`'s shareable pool, or None when prefix caching is off.
         tiers: the CPU tier and the remote link (to the Redis tier) below the prefix cache, each None if absent.
     """
 
     def __init__(
         self,
-        config: EngineConfig,
-        device: torch.device,
-        store: KVStore,
+        config: EngineConfig | KVCacheConfig | None = None,
+        device: torch.device | str = "auto",
+        store: KVStore | None = None,
         prefix_cache: PrefixCache | None = None,
         tiers: tuple[CpuTier | None, RemoteLink | None] = (None, None),
     ) -> None:
-        if store.pool is None:
+        from kv_cache.engine.config import EngineConfig  # the engine package imports this module
+
+        if config is not None and not isinstance(config, EngineConfig | KVCacheConfig):
+            raise CacheValidationError(
+                f"config must be an EngineConfig, a KVCacheConfig or None; got {type(config).__name__}"
+            )
+        if store is not None and store.pool is None:
             raise CacheMemoryError("the store's pools are not allocated; call store.initialize(...) first")
-        self.config = config
-        self.device = device
-        self.store = store
-        self.pool: BlockPool = store.pool
-        self.quantized_pool = store.quantized_pool
+        self.config = config if isinstance(config, EngineConfig) else EngineConfig()
+        self.device = resolve_device(device)
+        self._store = store
         self.prefix_cache = prefix_cache
         self.tier, self.remote = tiers
-        self.block_size = store.block_size
         self.counters = dict.fromkeys(
             ("preempted_swap", "preempted_recompute", "swap_fallbacks", "swapped_out_blocks", "swapped_in_blocks",
              "oom_errors", "oom_recoveries", "oom_failures"),
             0,
         )  # fmt: skip
+
+    @property
+    def store(self) -> KVStore:
+        """The managed store (the engine's); a standalone manager has none."""
+        if self._store is None:
+            raise CacheValidationError(
+                "this MemoryManager manages no store (built as MemoryManager(config, device)); sequence and "
+                "preemption methods belong to the engine's manager"
+            )
+        return self._store
+
+    @property
+    def pool(self) -> BlockPool:
+        """The store's full-precision pool."""
+        pool = self.store.pool
+        assert pool is not None  # checked at construction
+        return pool
+
+    @property
+    def quantized_pool(self) -> BlockPool | None:
+        return self.store.quantized_pool
+
+    @property
+    def block_size(self) -> int:
+        return self.store.block_size
+
+    def memory_info(self, store: KVStore | None = None) -> dict[str, Any]:
+        """The device (`get_device_info`: name, total/free bytes where known) and the blocks of `store` (default:
+        the managed one; none for a standalone manager): `blocks_used`, `blocks_total`, `pool_mb`."""
+        info: dict[str, Any] = {"device": get_device_info(self.device)}
+        watched = store if store is not None else self._store
+        pools = [] if watched is None else [p for p in (watched.pool, watched.quantized_pool) if p is not None]
+        info["blocks_used"] = sum(p.num_used for p in pools)
+        info["blocks_total"] = sum(p.num_blocks for p in pools)
+        info["pool_mb"] = sum(p.memory_bytes for p in pools) / 2**20
+        return info
 
     # ------------------------------------------------------------------------------------------- sequences
     def allocate(self, request: Request, reserved: BlockNeeds) -> int:
@@ -305,11 +352,12 @@ class MemoryManager:
                 freed = self.release_memory()
                 if attempt == retries:
                     self.counters["oom_failures"] += 1
+                    engine = "prefill_chunk_size or max_num_seqs (EngineConfig), or " if self._store is not None else ""
                     raise CacheMemoryError(
                         f"out of device memory during a cache operation, {retries} retries after freeing cached "
-                        f"blocks ({freed} freed last time) and emptying the allocator cache; lower "
-                        "prefill_chunk_size or max_num_seqs (EngineConfig), or num_blocks/memory_budget_mb "
-                        "(KVCacheConfig) to leave the model more room, or raise oom_retries"
+                        f"blocks ({freed} freed last time) and emptying the allocator cache; lower {engine}"
+                        "num_blocks/memory_budget_mb (KVCacheConfig) to leave the model more room, or raise "
+                        "oom_retries (EngineConfig)"
                     ) from error
                 attempt += 1
                 continue

@@ -40,8 +40,9 @@ arXiv:2402.02750) — keys per channel, values per token, a full-precision windo
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -202,9 +203,10 @@ def bits_of(codes: torch.Tensor, head_dim: int) -> int:
 class Quantizer:
     """KIVI-style quantizer: `bits` in {2, 4, 8}; values grouped over `group_size` channels.
 
-    `use_amp` allows the arithmetic to run under autocast with the same error bounds. Quantization is min/max,
-    subtract, divide and round — ops autocast leaves in fp32 on every device — so it has no effect today (on CPU
-    or CUDA); the field is kept so configs can state it.
+    `use_amp=True` runs quantization and dequantization under `torch.autocast` of the tensor's device (where
+    autocast exists for it). They are min/max, subtract, divide, round and multiply-add, ops autocast leaves in
+    their input precision on every device, so the codes and the error bounds are the same as without it: the switch
+    is there so a model running under autocast can say so, not to buy speed.
     """
 
     bits: int = 4
@@ -227,18 +229,28 @@ class Quantizer:
 
     def quantize_keys(self, keys: torch.Tensor) -> QuantizedTensor:
         """See `quantize_keys`: `[..., tokens, kv_heads, head_dim]` -> codes, scale, zero."""
-        return quantize_keys(keys, self.bits)
+        with self._autocast(keys):
+            return quantize_keys(keys, self.bits)
 
     def quantize_values(self, values: torch.Tensor) -> QuantizedTensor:
         """See `quantize_values`: `[..., tokens, kv_heads, head_dim]` -> codes, scale, zero."""
-        return quantize_values(values, self.bits, self.group_size)
+        with self._autocast(values):
+            return quantize_values(values, self.bits, self.group_size)
+
+    def _autocast(self, tensor: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+        """Autocast of `tensor`'s device with `use_amp` (where the device has it), else nothing."""
+        device_type = tensor.device.type
+        if not self.use_amp or not torch.amp.is_autocast_available(device_type):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type)
 
     def dequantize_keys(
         self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, head_dim: int
     ) -> torch.Tensor:
         """See `dequantize_keys`; also checks that `codes` were packed at this quantizer's bit width."""
         self._check_width(codes, head_dim)
-        return dequantize_keys(codes, scale, zero, head_dim)
+        with self._autocast(scale):
+            return dequantize_keys(codes, scale, zero, head_dim)
 
     def dequantize_values(
         self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, head_dim: int
@@ -250,7 +262,8 @@ class Quantizer:
             raise CacheValidationError(
                 f"value scale must be [..., {groups}] (head_dim // group_size) here, got {list(scale.shape)}"
             )
-        return dequantize_values(codes, scale, zero, head_dim)
+        with self._autocast(scale):
+            return dequantize_values(codes, scale, zero, head_dim)
 
     def bytes_per_block(self, block_size: int, kv_heads: int, head_dim: int) -> int:
         """Real bytes of one block of one layer, keys and values: codes + fp16 scales + fp16 zeros."""

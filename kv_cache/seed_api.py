@@ -15,18 +15,22 @@ Each method translates its arguments and delegates to `KVStore` (storage), `Cach
 from __future__ import annotations
 
 import functools
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
 from kv_cache.config import CacheStrategy, KVCacheConfig
-from kv_cache.errors import CacheError, CacheMemoryError, CacheValidationError
+from kv_cache.errors import CacheDeviceError, CacheError, CacheMemoryError, CacheValidationError
 from kv_cache.kv_store import KVStore
+from kv_cache.memory_manager import MemoryManager
 from kv_cache.policies import AdaptivePolicy, LFUPolicy, LRUPolicy, Policy, make_policy
 from kv_cache.profiler import Profiler
 from kv_cache.quantizer import Quantizer
 from kv_cache.stats import CacheStatsTracker, build_stats, store_gauges
 from kv_cache.token_eviction import TokenEvictor
+
+T = TypeVar("T")
 
 
 class BaseKVCache:
@@ -34,9 +38,17 @@ class BaseKVCache:
 
     Args:
         config: cache configuration; `KVCacheConfig()` if omitted.
+        quantizer: the sealed blocks' quantizer (overrides the config's quantization settings); see `quantizer`.
+        memory_manager: a `MemoryManager(config, device)`: store operations that run out of device memory are
+            retried after it frees memory (`oom_retries` times), then fail with `CacheMemoryError`.
     """
 
-    def __init__(self, config: KVCacheConfig | None = None, quantizer: Quantizer | None = None) -> None:
+    def __init__(
+        self,
+        config: KVCacheConfig | None = None,
+        quantizer: Quantizer | None = None,
+        memory_manager: MemoryManager | None = None,
+    ) -> None:
         self.config = config or KVCacheConfig()
         self.tracker = CacheStatsTracker(self.config.history_size, self.config.snapshot_interval_s)
         self.profiler = Profiler(self.config.enable_profiling)
@@ -44,6 +56,7 @@ class BaseKVCache:
         self._build_store()
         if quantizer is not None:
             self.quantizer = quantizer
+        self.memory_manager = memory_manager
 
     def _build_store(self) -> None:
         self.store = KVStore(self.config, num_layers=1)
@@ -72,6 +85,19 @@ class BaseKVCache:
         self.config = KVCacheConfig.from_dict({**self.config.to_dict(), **changes})
         self._build_store()
 
+    @property
+    def memory_manager(self) -> MemoryManager | None:
+        """The OOM guard of store operations (None: none). It changes no stored data, so it may be set any time."""
+        return self._memory_manager
+
+    @memory_manager.setter
+    def memory_manager(self, manager: MemoryManager | None) -> None:
+        if manager is not None and not isinstance(manager, MemoryManager):
+            raise CacheValidationError(
+                f"memory_manager must be a kv_cache.MemoryManager or None; got {type(manager).__name__}"
+            )
+        self._memory_manager = manager
+
     def forward(
         self, key: torch.Tensor, value: torch.Tensor, cache_position: int | torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -90,6 +116,7 @@ class BaseKVCache:
         """
         with self.profiler.record("forward", key.device if isinstance(key, torch.Tensor) else None):
             self.store.validate_inputs(self.seq_ids or None, 0, key, value)
+            self._check_manager_device(key.device)
             seen = self.seq_length
             position = self._start_position(cache_position, key.shape[2], seen)
             if position + key.shape[2] > self.config.max_tokens and self.evictor is None:  # before any rewind
@@ -123,12 +150,30 @@ class BaseKVCache:
         """Rewind to `position` if before the end, evict if over budget, append, read: (keys, values, cached)."""
         if position < seen:
             self._rewind(position)
-        if self.evictor is not None:
-            self.evictor.evict(self.seq_ids, 0, incoming=key.shape[2])
-        cached = self.store.num_tokens(self.seq_ids[0])
-        self.store.append(self.seq_ids, 0, key, value)
-        keys, values = self.store.read(self.seq_ids, 0)
+        evictor, store, seq_ids = self.evictor, self.store, self.seq_ids
+        if evictor is not None:
+            self._guarded(lambda: evictor.evict(seq_ids, 0, incoming=key.shape[2]))
+        cached = store.num_tokens(seq_ids[0])
+        self._guarded(lambda: store.append(seq_ids, 0, key, value))
+        keys, values = self._guarded(lambda: store.read(seq_ids, 0))
         return keys, values, cached
+
+    def _guarded(self, operation: Callable[[], T]) -> T:
+        """`operation()` (one store operation) under the memory manager's OOM retry, if there is one. Store
+        operations are atomic under a failing allocation, so a failed attempt leaves nothing to roll back."""
+        manager = self._memory_manager
+        return operation() if manager is None else manager.run_with_oom_retry(operation, rollback=lambda: None)
+
+    def _check_manager_device(self, device: torch.device) -> None:
+        manager = self._memory_manager
+        if manager is None:
+            return
+        managed = manager.device
+        if managed.type != device.type or (managed.index is not None and device.index not in (None, managed.index)):
+            raise CacheDeviceError(
+                f"memory_manager manages {managed} but key/value are on {device}; build it as "
+                f"MemoryManager(config, device={str(device)!r})"
+            )
 
     def record_attention(self, weights: torch.Tensor) -> None:
         """Feed the attention weights of the last `forward` to LFU/ADAPTIVE token eviction (heavy hitters).
@@ -160,8 +205,12 @@ class BaseKVCache:
         return self.store.num_seen(self.seq_ids[0], 0) if self.seq_ids else 0
 
     def get_stats(self, include_history: bool = False, include_quantization_error: bool = False) -> dict[str, Any]:
-        """Tokens, blocks used/free, `storage_memory_mb`, `hit_rate`, `profiling` and optionally `history`."""
-        return build_stats(self.store, self.tracker, self.profiler, include_history, include_quantization_error)
+        """Tokens, blocks used/free, `storage_memory_mb`, `hit_rate`, `profiling` and optionally `history`; with a
+        memory manager also `memory_manager` (its OOM counters and `memory_info`)."""
+        stats = build_stats(self.store, self.tracker, self.profiler, include_history, include_quantization_error)
+        if self._memory_manager is not None:
+            stats["memory_manager"] = self._memory_manager.stats() | self._memory_manager.memory_info(self.store)
+        return stats
 
     def reset(self) -> None:
         """Drop every cached token; the pool stays allocated."""
@@ -197,11 +246,16 @@ class BaseKVCache:
 class AdaptiveKVCache(BaseKVCache):
     """`BaseKVCache` with the adaptive strategy (`cache_strategy` is forced to `ADAPTIVE`) and `adapt(metrics)`."""
 
-    def __init__(self, config: KVCacheConfig | None = None, quantizer: Quantizer | None = None) -> None:
+    def __init__(
+        self,
+        config: KVCacheConfig | None = None,
+        quantizer: Quantizer | None = None,
+        memory_manager: MemoryManager | None = None,
+    ) -> None:
         config = config or KVCacheConfig()
         if config.cache_strategy is not CacheStrategy.ADAPTIVE:
             config = KVCacheConfig.from_dict({**config.to_dict(), "cache_strategy": CacheStrategy.ADAPTIVE})
-        super().__init__(config, quantizer)
+        super().__init__(config, quantizer, memory_manager)
 
     def adapt(self, metrics: dict[str, float] | None = None) -> dict[str, Any]:
         """Adjust the token budget and the recency/frequency mix to what was observed; returns the decision.

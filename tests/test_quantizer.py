@@ -317,6 +317,8 @@ def test_quantizer_wraps_the_functions(use_amp):
     assert torch.equal(quantizer.dequantize_keys(*k, 64), dequantize_keys(*k, 64))
     assert torch.equal(quantizer.dequantize_values(*v, 64), dequantize_values(*v, 64))
     assert quantizer.packed_dim(64) == 32
+    with torch.autocast("cpu", enabled=use_amp):  # a model under autocast: the same codes either way
+        assert same(quantizer.quantize_keys(keys), k) and same(quantizer.quantize_values(values), v)
     with pytest.raises(CacheValidationError, match="use_amp=1 must be True or False"):
         Quantizer(use_amp=1)  # type: ignore[arg-type]
 

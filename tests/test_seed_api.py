@@ -10,12 +10,14 @@ from kv_cache import (
     AdaptiveKVCache,
     BaseKVCache,
     BatchCacheOperations,
+    CacheDeviceError,
     CacheMemoryError,
     CacheStrategy,
     CacheValidationError,
     KVCacheConfig,
     LFUEvictionStrategy,
     LRUEvictionStrategy,
+    MemoryManager,
     PagedKVCache,
     Quantizer,
     create_eviction_strategy,
@@ -133,6 +135,58 @@ def test_quantizer_is_a_component_set_before_the_first_token() -> None:
     with pytest.raises(CacheValidationError, match="cannot change once tokens are stored"):
         cache.quantizer = Quantizer(bits=2)
     assert keys.shape == (1, 2, 40, 8)
+
+
+class FailingAllocations:
+    """Wraps a pool's `allocate`: the calls numbered in `at` (from 1) raise `torch.OutOfMemoryError` first."""
+
+    def __init__(self, cache: BaseKVCache, at: tuple[int, ...]) -> None:
+        pool = cache.store.pool
+        assert pool is not None
+        self.allocate, self.at, self.calls = pool.allocate, at, 0
+        pool.allocate = self  # type: ignore[method-assign]
+
+    def __call__(self, count: int) -> list[int]:
+        self.calls += 1
+        if self.calls in self.at:
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+        return self.allocate(count)
+
+
+def test_memory_manager_retries_an_out_of_memory_store_operation() -> None:
+    config = KVCacheConfig(block_size=4, max_tokens=64)
+    guarded, plain = BaseKVCache(config, memory_manager=MemoryManager(config, "cpu")), BaseKVCache(config)
+    for cache in (guarded, plain):
+        cache.forward(*states(2, 5, 20))
+    FailingAllocations(guarded, at=(1, 2))  # the next append fails twice, then succeeds
+    got, expected = guarded.forward(*states(2, 7, 21)), plain.forward(*states(2, 7, 21))
+    assert all(torch.equal(a, b) for a, b in zip(got[:2], expected[:2], strict=True)) and got[2] == expected[2]
+    managed = guarded.get_stats()["memory_manager"]
+    assert (managed["oom_errors"], managed["oom_recoveries"], managed["oom_failures"]) == (2, 1, 0)
+    assert managed["blocks_used"] == plain.get_stats()["blocks_used"] and managed["device"]["type"] == "cpu"
+    FailingAllocations(guarded, at=tuple(range(1, 10)))  # more failures than the 3 retries
+    with pytest.raises(CacheMemoryError, match="out of device memory"):
+        guarded.forward(*states(2, 9, 22))
+    assert guarded.seq_length == 12 and guarded.get_stats()["memory_manager"]["oom_failures"] == 1  # nothing lost
+    assert torch.equal(guarded.store.read(guarded.seq_ids, 0)[0], plain.store.read(plain.seq_ids, 0)[0])
+
+
+def test_memory_manager_checks_its_arguments_and_device() -> None:
+    manager = MemoryManager(KVCacheConfig(), "auto")
+    assert manager.memory_info()["blocks_total"] == 0 and manager.device.type in ("cpu", "cuda", "mps")
+    with pytest.raises(CacheValidationError, match="manages no store"):
+        manager.append_needs(0, 1)
+    with pytest.raises(CacheValidationError, match="config must be"):
+        MemoryManager("fast", "cpu")  # type: ignore[arg-type]
+    with pytest.raises(CacheDeviceError, match="cuda:7"):
+        MemoryManager(KVCacheConfig(), "cuda:7")
+    with pytest.raises(CacheValidationError, match="memory_manager must be"):
+        BaseKVCache(memory_manager="yes")  # type: ignore[arg-type]
+    on_gpu = MemoryManager(KVCacheConfig(), "cpu")
+    on_gpu.device = torch.device("cuda", 0)  # as built on a GPU machine
+    cache = BaseKVCache(KVCacheConfig(block_size=4), memory_manager=on_gpu)
+    with pytest.raises(CacheDeviceError, match="manages cuda:0 but key/value are on cpu"):
+        cache.forward(*states(1, 3, 23))
 
 
 def test_batch_operations_share_blocks() -> None:
