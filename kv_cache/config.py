@@ -17,6 +17,7 @@ import torch
 
 from kv_cache.devices import resolve_device
 from kv_cache.errors import CacheValidationError
+from kv_cache.low_rank import Compressor
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -125,6 +126,9 @@ class KVCacheConfig:
         sink_tokens: the first tokens of a sequence are never evicted (StreamingLLM's attention sinks).
         observation_window: with LFU/ADAPTIVE eviction, a prompt is scored by the attention of its last
             `observation_window` queries (SnapKV); each decoded token then adds its own attention (H2O).
+        low_rank_ratio: store each token's keys and values as coefficients on a per-layer, per-KV-head basis
+            keeping this fraction of head_dim (`low_rank.LowRankProjection`: the blocks shrink to it); None: off.
+        low_rank_method: "low_rank" (centred PCA) or "svd" (uncentred), fitted on each layer's first states.
     """
 
     max_tokens: int = 4096
@@ -148,6 +152,8 @@ class KVCacheConfig:
     compression_ratio: float | None = None
     sink_tokens: int = 0
     observation_window: int = 32
+    low_rank_ratio: float | None = None
+    low_rank_method: str = "low_rank"
 
     def __post_init__(self) -> None:
         check_int("max_tokens", self.max_tokens, 1)
@@ -182,6 +188,7 @@ class KVCacheConfig:
             raise CacheValidationError(f"snapshot_interval_s={interval!r} must be a number of seconds >= 0")
         self._check_quantization()
         self._check_eviction()
+        self._check_low_rank()
 
     @property
     def evicts_tokens(self) -> bool:
@@ -212,6 +219,24 @@ class KVCacheConfig:
                 "token eviction is a lossy option, refused with cache_mode=CacheMode.TRAINING; "
                 "use CacheMode.INFERENCE or unset token_budget/compression_ratio"
             )
+
+    def _check_low_rank(self) -> None:
+        try:
+            Compressor(1.0 if self.low_rank_ratio is None else self.low_rank_ratio, self.low_rank_method)
+        except CacheValidationError as error:
+            raise CacheValidationError(
+                f"low_rank_ratio={self.low_rank_ratio!r}, low_rank_method={self.low_rank_method!r}: {error}"
+            ) from None
+        if self.low_rank_ratio is not None and self.cache_mode is CacheMode.TRAINING:
+            raise CacheValidationError(
+                "low_rank_ratio is a lossy option, refused with cache_mode=CacheMode.TRAINING; "
+                "use CacheMode.INFERENCE or unset low_rank_ratio"
+            )
+
+    @property
+    def compressor(self) -> Compressor | None:
+        """The low-rank compressor the caches store coefficients with (None: full head_dim)."""
+        return None if self.low_rank_ratio is None else Compressor(self.low_rank_ratio, self.low_rank_method)
 
     def _check_quantization(self) -> None:
         for name, bits in [("quantization_bits", self.quantization_bits), *self._layer_bit_items()]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import LlamaForCausalLM, PretrainedConfig
@@ -69,7 +69,8 @@ class FidelityRow:
 
 
 def default_configs(max_tokens: int = 4096) -> dict[str, KVCacheConfig]:
-    """The configurations of the fidelity table: full, INT8/4/2, and each eviction policy at 2x/4x/8x."""
+    """The configurations of the fidelity table: full, INT8/4/2, each eviction policy at 2x/4x/8x, low-rank
+    coefficients at 75%/50% of head_dim, and two combinations (low-rank + INT8, low-rank + eviction)."""
     configs = {"full": KVCacheConfig(max_tokens=max_tokens)}
     for bits in (8, 4, 2):
         configs[f"INT{bits}"] = KVCacheConfig(max_tokens=max_tokens, use_quantization=True, quantization_bits=bits)
@@ -79,6 +80,12 @@ def default_configs(max_tokens: int = 4096) -> dict[str, KVCacheConfig]:
             configs[f"{label} {factor}x"] = KVCacheConfig(
                 max_tokens=max_tokens, cache_strategy=strategy, compression_ratio=1 - 1 / factor, sink_tokens=4
             )
+    for kept in (0.75, 0.5):
+        configs[f"rank {kept:.0%}"] = KVCacheConfig(max_tokens=max_tokens, low_rank_ratio=kept)
+    configs["rank 75% INT8"] = KVCacheConfig(
+        max_tokens=max_tokens, low_rank_ratio=0.75, use_quantization=True, quantization_bits=8
+    )
+    configs["H2O 2x + rank 75%"] = replace(configs["H2O+SnapKV 2x"], low_rank_ratio=0.75)
     return configs
 
 

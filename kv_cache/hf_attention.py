@@ -100,6 +100,9 @@ def paged_attention(
         return _dense_fallback(cache, handoff.layer_idx, query, attention_mask, (scaling, window)), None
     seq_ids, layer = cache.seq_ids or [], handoff.layer_idx
     kv = cache.store.paged_kv(seq_ids, layer)
+    if cache.low_rank is not None:  # attend in coefficient space (see low_rank.LowRankProjection)
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        query = cache.low_rank.project_query(layer, query)
     evictor = cache.evictor
     wants_mass = evictor is not None and evictor.needs_attention_mass
     q_len = query.shape[2]
@@ -116,6 +119,8 @@ def paged_attention(
         if mass is not None:
             evictor.observe(seq_ids, layer, mass, min(q_len, cache.config.observation_window))
         evictor.evict(seq_ids, layer)
+    if cache.low_rank is not None:
+        out = cache.low_rank.expand_output(layer, out)
     return out.transpose(1, 2), None
 
 
@@ -128,7 +133,7 @@ def _dense_fallback(
 ) -> torch.Tensor:
     """SDPA over the dense read with the padding mask, causality and the sliding window folded in."""
     scaling, window = options
-    keys, values = cache.store.read(cache.seq_ids or [], layer_idx)
+    keys, values = cache.read_states(layer_idx, query.dtype)
     q_len, kv_len = query.shape[2], keys.shape[2]
     rows = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
     cols = torch.arange(kv_len, device=query.device)[None, :]

@@ -23,8 +23,10 @@ from kv_cache.config import KVCacheConfig
 from kv_cache.errors import CacheError, CacheValidationError
 from kv_cache.hf_attention import ATTENTION_NAME, hand_off
 from kv_cache.kv_store import KVStore
+from kv_cache.low_rank import LowRankProjection
 from kv_cache.profiler import Profiler
 from kv_cache.stats import CacheStatsTracker, build_stats, store_gauges
+from kv_cache.tensors import validate_tensor_shapes
 from kv_cache.token_eviction import TokenEvictor
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
@@ -81,12 +83,16 @@ class PagedLayer(CacheLayerMixin):
             if cache.evictor is not None and not paged:  # the paged attention evicts after it has attended
                 cache.evictor.evict(cache.seq_ids, self.layer_idx, incoming=key_states.shape[2])
             cached = cache.store.num_tokens(cache.seq_ids[0], self.layer_idx)
-            cache.store.append(cache.seq_ids, self.layer_idx, key_states, value_states)
+            stored = key_states, value_states
+            if cache.low_rank is not None:  # the blocks hold coefficients on the layer's bases
+                validate_tensor_shapes(*stored, head_dim=cache.low_rank.head_dim(self.layer_idx))
+                stored = cache.low_rank.compress(self.layer_idx, *stored)
+            cache.store.append(cache.seq_ids, self.layer_idx, *stored)
             if paged:  # the attention function reads the blocks itself
                 hand_off(cache, self.layer_idx)
                 keys, values = key_states, value_states
             else:
-                keys, values = cache.store.read(cache.seq_ids, self.layer_idx)
+                keys, values = cache.read_states(self.layer_idx, key_states.dtype)
         new = key_states.shape[2]
         cache.tracker.record_read(cached * len(cache.seq_ids), new * len(cache.seq_ids))
         if self.layer_idx == cache.num_layers - 1:
@@ -150,6 +156,8 @@ class KVCache(Cache):
         self.tracker = CacheStatsTracker(self.config.history_size, self.config.snapshot_interval_s)
         self.profiler = Profiler(self.config.enable_profiling)
         self.evictor = TokenEvictor(self.config, self.store, self.tracker) if self.config.evicts_tokens else None
+        compressor = self.config.compressor
+        self.low_rank = LowRankProjection(compressor, self.num_layers) if compressor is not None else None
         self.seq_ids: list[int] | None = None
         layers = [PagedLayer(self, i, t != "full_attention") for i, t in enumerate(layer_types)]
         for layer in layers:
@@ -190,6 +198,14 @@ class KVCache(Cache):
         for seq_id in self.seq_ids:
             self.store.truncate(seq_id, max(keep, 0))
 
+    def read_states(self, layer_idx: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every cached key and value of `layer_idx`, `[batch, kv_heads, tokens, head_dim]` (expanded from the
+        coefficients with low-rank storage, in `dtype`)."""
+        keys, values = self.store.read(self.seq_ids or [], layer_idx)
+        if self.low_rank is not None:
+            return self.low_rank.expand(layer_idx, keys, values, dtype)
+        return keys, values
+
     def reset(self) -> None:
         self.store.reset()
         self.seq_ids = None
@@ -211,8 +227,12 @@ class KVCache(Cache):
         return getattr(self.model_config, "_attn_implementation", None) == ATTENTION_NAME
 
     def get_stats(self, include_history: bool = False, include_quantization_error: bool = False) -> dict[str, Any]:
-        """Tokens, blocks used/free, memory (MiB), hit rate, profiling and, if asked, the history."""
-        return build_stats(self.store, self.tracker, self.profiler, include_history, include_quantization_error)
+        """Tokens, blocks used/free, memory (MiB), hit rate, profiling and, if asked, the history; with low-rank
+        storage also `low_rank` (rank, head_dim, the bases' MiB)."""
+        stats = build_stats(self.store, self.tracker, self.profiler, include_history, include_quantization_error)
+        if self.low_rank is not None:
+            stats["low_rank"] = self.low_rank.stats()
+        return stats
 
     def _replace_rows(self, sources: list[int]) -> None:
         """Make batch row `i` a copy of old row `sources[i]` (sharing blocks), then drop the old rows."""

@@ -84,7 +84,7 @@ def _rank_for_energy(singular: torch.Tensor, energy: float) -> int:
 def _complete(basis: torch.Tensor, rank: int) -> torch.Tensor:
     """Extend orthonormal columns `[kv_heads, head_dim, k]` to `rank` columns (Gram-Schmidt on the identity)."""
     heads, head_dim, _ = basis.shape
-    extra = torch.eye(head_dim).expand(heads, head_dim, head_dim)
+    extra = torch.eye(head_dim, device=basis.device).expand(heads, head_dim, head_dim)
     full, _ = torch.linalg.qr(torch.cat([basis, extra], dim=-1))
     return full[:, :, :rank].contiguous()
 
@@ -119,3 +119,110 @@ class Compressor:
     def fit(self, states: torch.Tensor) -> LowRankBasis:
         """Fit on calibration `states [tokens, kv_heads, head_dim]`."""
         return fit_basis(states, rank=self.rank_for(states.shape[-1]), center=self.method == "low_rank")
+
+
+class LowRankProjection:
+    """The key and value bases of a cache that stores coefficients: one `LowRankBasis` pair per layer.
+
+    A cache with `KVCacheConfig(low_rank_ratio=...)` stores `compress(...)`'s coefficients (`rank` numbers per token
+    and KV head instead of `head_dim`: the pool really is `rank / head_dim` of the size) and hands attention either
+    `expand(...)`'s reconstruction (stock attention) or works in coefficient space (kv_cache's attention):
+
+        q . k = (q @ Uk) . ck + q . mu_k      the second term is the same for every token of a query: softmax drops it
+        sum_t p_t v_t = (sum_t p_t cv_t) @ Uv.T + mu_v         (the weights sum to 1)
+
+    so `project_query` and `expand_output` wrap the paged kernels, which then read `rank`-wide blocks. Each layer's
+    bases are fitted on its first states (the prompt: per KV head, over every batch row and token) unless
+    `calibrate` set them before. States are `[batch, kv_heads, tokens, head_dim]`; queries `[batch, q_heads,
+    tokens, head_dim]` with q_heads a multiple of kv_heads (grouped-query attention shares the KV head's basis).
+    """
+
+    def __init__(self, compressor: Compressor, num_layers: int) -> None:
+        self.compressor = compressor
+        self.bases: list[tuple[LowRankBasis, LowRankBasis] | None] = [None] * num_layers
+
+    def calibrate(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Fit `layer`'s bases on calibration states `[batch, kv_heads, tokens, head_dim]` (before its first token)."""
+        if self.bases[layer] is not None:
+            raise CacheValidationError(f"layer {layer} already has its bases; calibrate before the first token")
+        self.bases[layer] = (self.compressor.fit(_token_major(keys)), self.compressor.fit(_token_major(values)))
+
+    def head_dim(self, layer: int) -> int | None:
+        """The states' head_dim of a fitted layer (None before its first states)."""
+        pair = self.bases[layer]
+        return None if pair is None else int(pair[0].basis.shape[1])
+
+    def compress(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """States `[batch, kv_heads, tokens, head_dim]` -> coefficients `[batch, kv_heads, tokens, rank]` in the states'
+        dtype (the layer's bases are fitted on these states if it has none yet)."""
+        if self.bases[layer] is None:
+            self.calibrate(layer, keys, values)
+        key_basis, value_basis = self._pair(layer)
+        return _coefficients(keys, key_basis), _coefficients(values, value_basis)
+
+    def expand(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coefficients `[batch, kv_heads, tokens, rank]` -> states `[batch, kv_heads, tokens, head_dim]` in `dtype`."""
+        key_basis, value_basis = self._pair(layer)
+        return _states(keys, key_basis, dtype), _states(values, value_basis, dtype)
+
+    def project_query(self, layer: int, query: torch.Tensor) -> torch.Tensor:
+        """`[batch, q_heads, tokens, head_dim]` -> `[batch, q_heads, tokens, rank]` (query dtype): `q @ Uk`."""
+        basis = self._pair(layer)[0].basis
+        grouped = _grouped(query, basis.shape[0])
+        return torch.einsum("bhgtd,hdr->bhgtr", grouped.float(), basis).flatten(1, 2).to(query.dtype)
+
+    def expand_output(self, layer: int, output: torch.Tensor) -> torch.Tensor:
+        """Attention output in value coefficients `[batch, q_heads, tokens, rank]` -> `[batch, q_heads, tokens,
+        head_dim]` (output dtype): `o @ Uv.T + mu_v`."""
+        basis = self._pair(layer)[1]
+        grouped = _grouped(output, basis.basis.shape[0])
+        full = torch.einsum("bhgtr,hdr->bhgtd", grouped.float(), basis.basis) + basis.mean[None, :, None, None]
+        return full.flatten(1, 2).to(output.dtype)
+
+    def stats(self) -> dict[str, object]:
+        """`rank` and `head_dim` (None before the first states), `method`, and `basis_mb`: the fitted bases and
+        means (fp32, every layer; the store's `storage_memory_mb` counts the coefficients)."""
+        fitted = [pair for pair in self.bases if pair is not None]
+        size = sum((basis.basis.numel() + basis.mean.numel()) * 4 for pair in fitted for basis in pair)
+        return {
+            "rank": fitted[0][0].rank if fitted else None,
+            "head_dim": int(fitted[0][0].basis.shape[1]) if fitted else None,
+            "method": self.compressor.method,
+            "basis_mb": size / 2**20,
+        }
+
+    def _pair(self, layer: int) -> tuple[LowRankBasis, LowRankBasis]:
+        pair = self.bases[layer]
+        if pair is None:
+            raise CacheValidationError(f"layer {layer} has no low-rank bases yet (no states stored, none calibrated)")
+        return pair
+
+
+def _coefficients(states: torch.Tensor, basis: LowRankBasis) -> torch.Tensor:
+    """`[batch, kv_heads, tokens, head_dim]` -> `[batch, kv_heads, tokens, rank]` in the states' dtype."""
+    centred = states.float() - basis.mean[:, None]
+    return torch.einsum("bhtd,hdr->bhtr", centred, basis.basis).to(states.dtype)
+
+
+def _states(coefficients: torch.Tensor, basis: LowRankBasis, dtype: torch.dtype) -> torch.Tensor:
+    """`[batch, kv_heads, tokens, rank]` -> `[batch, kv_heads, tokens, head_dim]` in `dtype`."""
+    return (torch.einsum("bhtr,hdr->bhtd", coefficients.float(), basis.basis) + basis.mean[:, None]).to(dtype)
+
+
+def _token_major(states: torch.Tensor) -> torch.Tensor:
+    """`[batch, kv_heads, tokens, head_dim]` -> `[batch * tokens, kv_heads, head_dim]` (what `fit_basis` takes)."""
+    if states.dim() != 4 or not states.is_floating_point():
+        raise CacheValidationError(
+            f"states must be float [batch, kv_heads, tokens, head_dim]; got {tuple(states.shape)}"
+        )
+    return states.transpose(1, 2).flatten(0, 1)
+
+
+def _grouped(heads: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """`[batch, q_heads, tokens, dim]` -> `[batch, kv_heads, group, tokens, dim]`."""
+    batch, q_heads, tokens, dim = heads.shape
+    if q_heads % kv_heads:
+        raise CacheValidationError(f"{q_heads} query heads are not a multiple of the {kv_heads} KV heads")
+    return heads.reshape(batch, kv_heads, q_heads // kv_heads, tokens, dim)

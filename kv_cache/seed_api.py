@@ -23,11 +23,13 @@ import torch
 from kv_cache.config import CacheStrategy, KVCacheConfig
 from kv_cache.errors import CacheDeviceError, CacheError, CacheMemoryError, CacheValidationError
 from kv_cache.kv_store import KVStore
+from kv_cache.low_rank import Compressor, LowRankProjection
 from kv_cache.memory_manager import MemoryManager
 from kv_cache.policies import AdaptivePolicy, LFUPolicy, LRUPolicy, Policy, make_policy
 from kv_cache.profiler import Profiler
 from kv_cache.quantizer import Quantizer
 from kv_cache.stats import CacheStatsTracker, build_stats, store_gauges
+from kv_cache.tensors import validate_tensor_shapes
 from kv_cache.token_eviction import TokenEvictor
 
 T = TypeVar("T")
@@ -39,6 +41,7 @@ class BaseKVCache:
     Args:
         config: cache configuration; `KVCacheConfig()` if omitted.
         quantizer: the sealed blocks' quantizer (overrides the config's quantization settings); see `quantizer`.
+        compressor: a low-rank `Compressor` (overrides `low_rank_ratio`/`low_rank_method`); see `compressor`.
         memory_manager: a `MemoryManager(config, device)`: store operations that run out of device memory are
             retried after it frees memory (`oom_retries` times), then fail with `CacheMemoryError`.
     """
@@ -48,6 +51,7 @@ class BaseKVCache:
         config: KVCacheConfig | None = None,
         quantizer: Quantizer | None = None,
         memory_manager: MemoryManager | None = None,
+        compressor: Compressor | None = None,
     ) -> None:
         self.config = config or KVCacheConfig()
         self.tracker = CacheStatsTracker(self.config.history_size, self.config.snapshot_interval_s)
@@ -56,10 +60,14 @@ class BaseKVCache:
         self._build_store()
         if quantizer is not None:
             self.quantizer = quantizer
+        if compressor is not None:
+            self.compressor = compressor
         self.memory_manager = memory_manager
 
     def _build_store(self) -> None:
         self.store = KVStore(self.config, num_layers=1)
+        compressor = self.config.compressor
+        self.low_rank = LowRankProjection(compressor, num_layers=1) if compressor is not None else None
         self.evictor = TokenEvictor(self.config, self.store, self.tracker) if self.config.evicts_tokens else None
 
     @property
@@ -70,11 +78,6 @@ class BaseKVCache:
 
     @quantizer.setter
     def quantizer(self, quantizer: Quantizer | None) -> None:
-        if self.store.pool is not None:
-            raise CacheValidationError(
-                "the quantizer cannot change once tokens are stored (blocks of two formats would mix); "
-                "set it before the first forward, or reset() and build a new cache"
-            )
         if quantizer is not None and not isinstance(quantizer, Quantizer):
             raise CacheValidationError(
                 f"quantizer must be a kv_cache.Quantizer or None; got {type(quantizer).__name__}"
@@ -82,6 +85,30 @@ class BaseKVCache:
         changes: dict[str, Any] = {"use_quantization": quantizer is not None}
         if quantizer is not None:
             changes |= {"quantization_bits": quantizer.bits, "quantization_group_size": quantizer.group_size}
+        self._swap_component("quantizer", changes)
+
+    @property
+    def compressor(self) -> Compressor | None:
+        """The low-rank compressor: tokens are stored as coefficients on a basis fitted on the first call's states
+        (None: full head_dim). Settable only while the cache is empty."""
+        return self.config.compressor
+
+    @compressor.setter
+    def compressor(self, compressor: Compressor | None) -> None:
+        if compressor is not None and not isinstance(compressor, Compressor):
+            raise CacheValidationError(
+                f"compressor must be a kv_cache.Compressor or None; got {type(compressor).__name__}"
+            )
+        ratio, method = (None, "low_rank") if compressor is None else (compressor.ratio, compressor.method)
+        self._swap_component("compressor", {"low_rank_ratio": ratio, "low_rank_method": method})
+
+    def _swap_component(self, name: str, changes: dict[str, Any]) -> None:
+        """Rebuild the (empty) store with the config `changes` a component brings."""
+        if self.store.pool is not None:
+            raise CacheValidationError(
+                f"the {name} cannot change once tokens are stored (blocks of two formats would mix); "
+                "set it before the first forward, or reset() and build a new cache"
+            )
         self.config = KVCacheConfig.from_dict({**self.config.to_dict(), **changes})
         self._build_store()
 
@@ -115,6 +142,9 @@ class BaseKVCache:
             and `evicted_tokens` (seen but no longer held, with `token_budget`/`compression_ratio`).
         """
         with self.profiler.record("forward", key.device if isinstance(key, torch.Tensor) else None):
+            if self.low_rank is not None:
+                validate_tensor_shapes(key, value, head_dim=self.low_rank.head_dim(0))
+                key, value = self.low_rank.compress(0, key, value)  # the store holds coefficients
             self.store.validate_inputs(self.seq_ids or None, 0, key, value)
             self._check_manager_device(key.device)
             seen = self.seq_length
@@ -156,6 +186,8 @@ class BaseKVCache:
         cached = store.num_tokens(seq_ids[0])
         self._guarded(lambda: store.append(seq_ids, 0, key, value))
         keys, values = self._guarded(lambda: store.read(seq_ids, 0))
+        if self.low_rank is not None:
+            keys, values = self.low_rank.expand(0, keys, values, key.dtype)
         return keys, values, cached
 
     def _guarded(self, operation: Callable[[], T]) -> T:
@@ -208,6 +240,8 @@ class BaseKVCache:
         """Tokens, blocks used/free, `storage_memory_mb`, `hit_rate`, `profiling` and optionally `history`; with a
         memory manager also `memory_manager` (its OOM counters and `memory_info`)."""
         stats = build_stats(self.store, self.tracker, self.profiler, include_history, include_quantization_error)
+        if self.low_rank is not None:
+            stats["low_rank"] = self.low_rank.stats()
         if self._memory_manager is not None:
             stats["memory_manager"] = self._memory_manager.stats() | self._memory_manager.memory_info(self.store)
         return stats
@@ -251,11 +285,12 @@ class AdaptiveKVCache(BaseKVCache):
         config: KVCacheConfig | None = None,
         quantizer: Quantizer | None = None,
         memory_manager: MemoryManager | None = None,
+        compressor: Compressor | None = None,
     ) -> None:
         config = config or KVCacheConfig()
         if config.cache_strategy is not CacheStrategy.ADAPTIVE:
             config = KVCacheConfig.from_dict({**config.to_dict(), "cache_strategy": CacheStrategy.ADAPTIVE})
-        super().__init__(config, quantizer, memory_manager)
+        super().__init__(config, quantizer, memory_manager, compressor)
 
     def adapt(self, metrics: dict[str, float] | None = None) -> dict[str, Any]:
         """Adjust the token budget and the recency/frequency mix to what was observed; returns the decision.

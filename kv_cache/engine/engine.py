@@ -79,6 +79,11 @@ class KVCacheEngine:
                 "token_budget / compression_ratio (token eviction) are not supported by KVCacheEngine yet; "
                 "unset them, or use KVCache with model.generate"
             )
+        if config.low_rank_ratio is not None:  # shared prefix blocks need one basis for every request
+            raise CacheValidationError(
+                "low_rank_ratio is not supported by KVCacheEngine: its blocks are shared across requests, each of "
+                "which would fit its own basis; unset it, or use KVCache with model.generate"
+            )
         model.set_attn_implementation(register_attention())
         self.store = initialized_store(model, config, engine_config.max_num_seqs)
         self._cache = KVCache(model_config=model.config, store=self.store)
