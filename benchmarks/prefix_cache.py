@@ -69,8 +69,8 @@ def window(index: int, length: int) -> list[int]:
     return encode(TEXT[start : start + length]).tolist()
 
 
-def make_engine(model: torch.nn.Module, num_blocks: int, **engine: Any) -> KVCacheEngine:
-    config = KVCacheConfig(num_blocks=num_blocks, block_size=16, max_tokens=4096)
+def make_engine(model: torch.nn.Module, num_blocks: int, max_tokens: int = 4096, **engine: Any) -> KVCacheEngine:
+    config = KVCacheConfig(num_blocks=num_blocks, block_size=16, max_tokens=max_tokens)
     settings = {"prefill_chunk_size": 2048, "max_num_seqs": 16, **engine}
     return KVCacheEngine(model, config, EngineConfig(**settings))  # type: ignore[arg-type]
 
@@ -88,14 +88,15 @@ def time_to_first_token(engine: KVCacheEngine, prompt: list[int]) -> float:
 
 def hf_prefill_time(model: torch.nn.Module, args: argparse.Namespace) -> float:
     """Median seconds of one plain Hugging Face forward (SDPA, `DynamicCache`) over a cold prompt of the same
-    length, outside the engine: what the cold row would cost without our attention path (context only)."""
+    length, outside the engine, until its token is on the host (as for TTFT): what the cold row would cost without
+    the engine (context only)."""
     model.set_attn_implementation("sdpa")  # type: ignore[operator]
     times = []
     for rep in range(args.repeats + 1):
         ids = torch.tensor([window(3000 + rep, args.prefix + args.suffix)], device=args.device)
         start = time.perf_counter()
         with torch.no_grad():
-            model(ids, past_key_values=DynamicCache(config=model.config), logits_to_keep=1).logits.argmax()
+            model(ids, past_key_values=DynamicCache(config=model.config), logits_to_keep=1).logits.argmax().item()
         if rep:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -104,7 +105,8 @@ def hf_prefill_time(model: torch.nn.Module, args: argparse.Namespace) -> float:
 def ttft_ladder(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, float]:
     """Median TTFT (s) of cold, pool-hit and CPU-tier-hit requests over `args.repeats` fresh prefixes."""
     blocks = (args.prefix + args.suffix) // 16 + 4
-    engine = make_engine(model, num_blocks=4 * blocks, cpu_tier_blocks=4 * blocks)
+    length = args.prefix + args.suffix
+    engine = make_engine(model, num_blocks=4 * blocks, max_tokens=max(4096, length + 16), cpu_tier_blocks=4 * blocks)
     cache = engine.prefix_cache
     if cache is None:
         raise RuntimeError("prefix caching is off")

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from kv_cache.block_format import BlockFormat, DenseBlocks, QuantizedBlocks
 from kv_cache.block_table import BlockTable, SealBatch, WritePlan
+from kv_cache.devices import device_tensor
 from kv_cache.errors import CacheValidationError
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -221,4 +222,4 @@ def sealed_block_ids(tables: list[BlockTable], plans: list[WritePlan], block_siz
         for table, plan in zip(tables, plans, strict=True)
         for logical in range(plan.sealed // block_size, plan.seal_to // block_size)
     ]
-    return torch.tensor(block_ids, dtype=torch.long, device=device)
+    return device_tensor(block_ids, torch.long, device)

@@ -17,6 +17,7 @@ import torch
 from kv_cache.attention.paged_kv import PagedKV, QuantizedKV
 from kv_cache.block_pool import BlockPool
 from kv_cache.block_table import BlockTable, blocks_needed
+from kv_cache.devices import device_tensor
 
 V = TypeVar("V")
 CACHE_ENTRIES = 64
@@ -79,8 +80,8 @@ def paged_view(tables: list[BlockTable], layer: int, pool: BlockPool, quantized_
 def _int32_table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     """`[batch, max(len(row), 1)]` int32, rows padded with block 0."""
     width = max(1, *(len(row) for row in rows))
-    return torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.int32, device=device)
+    return device_tensor([row + [0] * (width - len(row)) for row in rows], torch.int32, device)
 
 
 def _int32_row(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int32, device=device)
+    return device_tensor(values, torch.int32, device)

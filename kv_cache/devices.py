@@ -5,11 +5,21 @@ Nothing here runs at import time; CUDA and MPS are only queried when a spec is r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from kv_cache.errors import CacheDeviceError, CacheValidationError
+
+
+def device_tensor(data: Sequence[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`torch.tensor(data, dtype=dtype)` on `device`. For CUDA it is built in page-locked memory and copied without
+    blocking the host: `torch.tensor(..., device="cuda")` copies from pageable memory, which makes the host wait
+    until the GPU has drained its queue (the per-step block tables and slots would stall every decode step)."""
+    if device.type != "cuda":
+        return torch.tensor(data, dtype=dtype, device=device)
+    return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def available_devices() -> list[str]:

@@ -10,7 +10,9 @@ torch reference elsewhere). Transformers does not pass the cache to attention fu
 layer over in a context variable that the attention function of the same layer consumes right after.
 
 A left-padded batch (a 2-D mask with zeros) falls back to the cache's dense read and SDPA with that mask:
-correct, but without the paged kernels. Causality, sliding windows and GQA are the kernels' job.
+correct, but without the paged kernels. A prompt with nothing cached before it, stored exactly (full precision),
+is attended by SDPA over the new states themselves: they are the whole cache, and SDPA's flash kernel beats the
+paged kernels at long prompts. Causality, sliding windows and GQA are otherwise the kernels' job.
 """
 
 from __future__ import annotations
@@ -108,7 +110,9 @@ def paged_attention(
     q_len = query.shape[2]
     # A decode step is prefill of q_len 1 (the same launch as `decode`), which takes HF's layout without a reshape.
     mass = None
-    if wants_mass and q_len == 1:
+    if _fresh_prompt(cache, seq_ids, layer, query, window):  # the new states are the whole cache
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+    elif wants_mass and q_len == 1:
         out, mass = attention.prefill(query, kv, scale=scaling, sliding_window=window, return_attention_mass=True)
     else:
         out = attention.prefill(query, kv, scale=scaling, sliding_window=window)
@@ -122,6 +126,24 @@ def paged_attention(
     if cache.low_rank is not None:
         out = cache.low_rank.expand_output(layer, out)
     return out.transpose(1, 2), None
+
+
+def _fresh_prompt(cache: KVCache, seq_ids: list[int], layer: int, query: torch.Tensor, window: int | None) -> bool:
+    """Whether every row holds just this call's tokens (a prompt with nothing cached before it), stored exactly as
+    given (full precision, the model's dtype, no low-rank), without a sliding window: attention over the cache is
+    then causal attention over the new states themselves, which SDPA (flash attention on CUDA) computes faster
+    than the paged kernels. Reads only host-side lengths."""
+    store, q_len = cache.store, query.shape[2]
+    pool = store.pool
+    return (
+        q_len > 1
+        and window is None
+        and cache.low_rank is None
+        and store.quantized_pool is None
+        and pool is not None
+        and pool.block_format.dtype == query.dtype
+        and all(store.num_tokens(seq_id, layer) == q_len for seq_id in seq_ids)
+    )
 
 
 def _dense_fallback(

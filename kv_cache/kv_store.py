@@ -50,6 +50,7 @@ from kv_cache.block_pool import BlockPool
 from kv_cache.block_table import BlockTable, SealBatch, WritePlan, blocks_needed, plan_append
 from kv_cache.block_views import VersionedCache
 from kv_cache.config import CacheMode, CacheStrategy, KVCacheConfig
+from kv_cache.devices import device_tensor
 from kv_cache.errors import CacheMemoryError, CacheValidationError
 from kv_cache.sealing import Sealer
 from kv_cache.store_reads import ReadBatch, StoreReads
@@ -434,7 +435,7 @@ class KVStore:
         assert self.pool is not None
         cached = self._slot_tensors.get(slots, 0)
         if cached is None:
-            tensor = torch.tensor(slots, dtype=torch.long, device=self.pool.device)
+            tensor = device_tensor(slots, torch.long, self.pool.device)
             cached = self._slot_tensors.put(slots, 0, tensor)
         return cached
 

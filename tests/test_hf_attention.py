@@ -15,7 +15,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from kv_cache import CacheError, KVCache, KVCacheConfig
+from kv_cache import CacheError, KVCache, KVCacheConfig, attention
 from kv_cache.hf_attention import ATTENTION_NAME, register_attention
 
 COMMON = {
@@ -97,3 +97,30 @@ def test_a_foreign_cache_is_refused_clearly() -> None:
     model.set_attn_implementation(register_attention())
     with pytest.raises(CacheError, match="reads a kv_cache KVCache"), torch.no_grad():
         model(**inputs(), past_key_values=DynamicCache(config=model.config))
+
+
+def test_a_fresh_prompt_is_attended_by_sdpa_and_a_continued_one_by_the_kernels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nothing cached before a prompt: its own states are the cache, so SDPA attends them (no paged launch). A
+    second chunk reads the cache through the kernels. Both give DynamicCache's logits."""
+    model, ids = build("llama"), inputs(batch=2, length=11)["input_ids"]
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        expected = model(ids, past_key_values=DynamicCache(config=model.config)).logits
+    calls: list[int] = []
+    prefill = attention.prefill
+    monkeypatch.setattr(
+        attention, "prefill", lambda query, kv, **kw: calls.append(query.shape[2]) or prefill(query, kv, **kw)
+    )
+    model.set_attn_implementation(register_attention())
+    cache = paged(model)
+    with torch.no_grad():
+        whole = model(ids, past_key_values=cache).logits
+        assert calls == []
+        chunked = paged(model)
+        first = model(ids[:, :5], past_key_values=chunked).logits
+        second = model(ids[:, 5:], past_key_values=chunked).logits
+    assert calls == [6, 6]  # the second chunk, in each of the two layers
+    torch.testing.assert_close(whole, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat([first, second], 1), expected, rtol=1e-4, atol=1e-4)

@@ -22,6 +22,7 @@ from kv_cache import (
     speed_settings,
     validate_tensor_shapes,
 )
+from kv_cache.devices import device_tensor
 
 
 @pytest.mark.parametrize(
@@ -140,3 +141,12 @@ def test_enable_speed_settings_is_one_explicit_call() -> None:
     assert probe["before"] == torch_defaults
     assert probe["off"] == {"tf32_matmul": False, "tf32_conv": False, "cudnn_benchmark": False}
     assert probe["after"] == {"tf32_matmul": True, "tf32_conv": True, "cudnn_benchmark": True} == probe["reported"]
+
+
+def test_device_tensor_builds_what_torch_tensor_builds() -> None:
+    """On CPU the same tensor; on CUDA (checked on the lent GPU) a pinned staging copy sent without blocking."""
+    got = device_tensor([[1, 2], [3, 4]], torch.int32, torch.device("cpu"))
+    assert got.dtype == torch.int32 and torch.equal(got, torch.tensor([[1, 2], [3, 4]], dtype=torch.int32))
+    if torch.cuda.is_available():
+        on_gpu = device_tensor(list(range(1000)), torch.long, torch.device("cuda"))
+        assert torch.equal(on_gpu.cpu(), torch.arange(1000))

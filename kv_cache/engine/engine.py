@@ -35,6 +35,7 @@ import torch
 from transformers import PreTrainedModel
 
 from kv_cache.config import KVCacheConfig
+from kv_cache.devices import device_tensor
 from kv_cache.engine.components import initialized_store, make_prefix_cache, make_remote, make_tier
 from kv_cache.engine.config import EngineConfig, InvariantCheck
 from kv_cache.engine.invariants import check_engine
@@ -294,10 +295,10 @@ class KVCacheEngine:
         """Logits `[batch, vocab]` after the last of `ids[i]` (equal counts of new tokens per row), appended to
         sequence `seq_ids[i]` from position `starts[i]`."""
         count = len(ids[0])
-        positions = torch.tensor([[start] for start in starts], device=self.device)
+        positions = device_tensor([[start] for start in starts], torch.long, self.device)
         self._cache.seq_ids = seq_ids
         return self.model(
-            input_ids=torch.tensor(ids, device=self.device),
+            input_ids=device_tensor(ids, torch.long, self.device),
             position_ids=positions + torch.arange(count, device=self.device),
             past_key_values=self._cache,
             use_cache=True,
