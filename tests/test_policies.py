@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from kv_cache.config import CacheStrategy
 from kv_cache.errors import CacheValidationError
 from kv_cache.policies import AdaptivePolicy, LFUPolicy, LRUPolicy, Policy, make_policy
+from kv_cache.policies.adaptive import _Experts
 
 FACTORIES: dict[str, Callable[[], Policy[Any]]] = {
     "lru": LRUPolicy,
@@ -425,3 +426,14 @@ def test_selection_rejects_bad_inputs() -> None:
     for positions, attention_mass, budget, message in cases:
         with pytest.raises(CacheValidationError, match=message):
             policy.select_tokens(positions, attention_mass, budget)
+
+
+def test_a_following_expert_first_evicts_what_its_shadow_dropped() -> None:
+    """Shadows of 2 entries under a larger real cache: LFU's shadow dropped "b" (2 uses) for "c", so "b" is a
+    stray (the real cache holds it only because another rule chose so) and goes before "c" (1 use)."""
+    experts: _Experts[str] = _Experts(4.0, capacity=2)
+    for key, hit in [("b", False), ("b", True), ("a", False), ("a", True), ("a", True), ("c", False)]:
+        experts.record(key, 1.0, hit, capacity=2)
+    assert experts.evict(CacheStrategy.LFU, None) == ["b"]
+    assert experts.evict(CacheStrategy.LFU, None) == ["c"]  # no stray left: LFU's own order
+    assert experts.evict(CacheStrategy.LRU, None) == ["a"]

@@ -27,10 +27,13 @@ How our interface maps onto the paper, and where it departs:
   Multiple Experts", WDAS 2002). Plain ARC trails LRU by 4 points of hit rate on an LRU-stack trace and LFU by
   1 point on stationary Zipf, the traces where those two are the best online policies. So three key-only
   caches of c entries, run by plain ARC, LRU and LFU, replay every access; the one with the best moving-average
-  hit rate (over ~`shadow_window` x c accesses; ARC on ties) picks the victims among the real residents: ARC
-  by REPLACE on the real lists, LRU or LFU by their order of the residents. Victims enter B1/B2 whoever picks
-  them, so p keeps learning. The price: ~8c keys of metadata and ~10x plain ARC's time per operation (a few
-  microseconds in CPython; the benchmark prints it). `shadow_window=None` turns the experts off: plain ARC.
+  hit rate (over ~`shadow_window` x c accesses; ties go to LRU, then ARC: before the shadows differ, the real
+  cache behaves as the simplest rule) picks the victims among the real residents: ARC by REPLACE on the real
+  lists, LRU or LFU by their order of the residents, taking first the residents their own shadow has already
+  dropped (after a switch those are the previous leader's choices; evicting them first brings the real cache to
+  the new leader's content soonest). Victims enter B1/B2 whoever picks them, so p keeps learning. The price:
+  ~8c keys of metadata and 3-30x plain ARC's time per operation (a few microseconds in CPython; the benchmark
+  prints it). `shadow_window=None` turns the experts off: plain ARC.
 
 Tokens: `recent_fraction` of the budget goes to the newest tokens, the rest to the largest accumulated attention
 among the older ones (H2O, arXiv 2306.14048, keeps half and half, our default). 1.0 is `LRUPolicy`'s window and
@@ -222,8 +225,8 @@ class _Experts(Generic[K]):
             raise CacheValidationError(f"shadow_window={window!r} must be a number > 0, or None for plain ARC")
         self._window = float(window)
         self._shadows: dict[CacheStrategy, Policy[K]] = {
-            ARC: AdaptivePolicy(capacity, shadow_window=None),
             CacheStrategy.LRU: LRUPolicy(),
+            ARC: AdaptivePolicy(capacity, shadow_window=None),
             CacheStrategy.LFU: LFUPolicy(),
         }
         self._hit_rates = dict.fromkeys(self._shadows, 0.0)
@@ -231,13 +234,20 @@ class _Experts(Generic[K]):
             CacheStrategy.LRU: LRUPolicy(),
             CacheStrategy.LFU: LFUPolicy(),
         }
+        # Per rule, the real residents its shadow has evicted, in that order.
+        self._strays: dict[CacheStrategy, OrderedDict[K, None]] = {rule: OrderedDict() for rule in self._residents}
 
     def record(self, key: K, weight: float, hit: bool, capacity: int) -> None:
         """One access of the real cache (`hit`: it held `key`), replayed on the shadows."""
         rate = 1.0 / (self._window * capacity)
         for rule, shadow in self._shadows.items():
-            shadow_hit = _access(shadow, key, weight, capacity)
+            shadow_hit, evicted = _access(shadow, key, weight, capacity)
             self._hit_rates[rule] += rate * (shadow_hit - self._hit_rates[rule])
+            strays = self._strays.get(rule)
+            if strays is not None:
+                residents = self._residents[rule]
+                strays.update((gone, None) for gone in evicted if gone in residents)
+                strays.pop(key, None)  # every shadow holds the key just accessed
         for order in self._residents.values():
             (order.touch if hit else order.insert)(key, weight)
 
@@ -245,27 +255,39 @@ class _Experts(Generic[K]):
         return max(self._hit_rates, key=self._hit_rates.__getitem__)  # the first maximum: ARC wins ties
 
     def evict(self, rule: CacheStrategy, evictable: Callable[[K], bool] | None) -> list[K]:
-        """Name and forget the resident that `rule` (LRU or LFU) ranks first among those `evictable` accepts."""
-        taken = self._residents[rule].victims(1, evictable)
+        """Name and forget the resident that `rule` (LRU or LFU) evicts next among those `evictable` accepts.
+
+        Residents that `rule`'s shadow no longer holds go first (in `rule`'s order): after a switch they are the
+        other rules' choices, and evicting them first brings the real cache to the leader's content soonest."""
+        strays, order = self._strays[rule], self._residents[rule]
+        taken: list[K] = []
+        if strays:
+            taken = order.victims(1, lambda key: key in strays and (evictable is None or evictable(key)))
+        if not taken:
+            taken = order.victims(1, evictable)
         for other, order in self._residents.items():
             if other is not rule:
                 for key in taken:
                     order.remove(key)
+        for strays in self._strays.values():
+            for key in taken:
+                strays.pop(key, None)
         return taken
 
     def forget(self, key: K) -> None:
         """The real cache no longer holds `key` (the shadows keep their own copies)."""
         for order in self._residents.values():
             order.remove(key)
+        for strays in self._strays.values():
+            strays.pop(key, None)
 
 
-def _access(shadow: Policy[K], key: K, weight: float, capacity: int) -> bool:
-    """Replay one access on a key-only cache of `capacity` entries run by `shadow`; True on a hit."""
+def _access(shadow: Policy[K], key: K, weight: float, capacity: int) -> tuple[bool, list[K]]:
+    """Replay one access on a key-only cache of `capacity` entries run by `shadow`: (hit, the keys it evicted)."""
     if key in shadow:
         shadow.touch(key, weight)
-        return True
+        return True, []
     excess = len(shadow) + 1 - capacity
-    if excess > 0:
-        shadow.victims(excess)
+    evicted = shadow.victims(excess) if excess > 0 else []
     shadow.insert(key, weight)
-    return False
+    return False, evicted
