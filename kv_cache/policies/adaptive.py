@@ -34,7 +34,8 @@ How our interface maps onto the paper, and where it departs:
   the new leader's content soonest). Victims enter B1/B2 whoever picks them, so p keeps learning. The price:
   ~8c keys of metadata and 3-30x plain ARC's time per operation (a few microseconds in CPython; the benchmark
   prints it). The default window, 256 x c, was the best of 32/64/128/256/512 on those traces (46/46/47/48/47
-  of 54 rows at or above max(LRU, LFU)): a long average switches only on steady evidence. `shadow_window=None` turns the experts off: plain ARC.
+  of 54 rows at or above max(LRU, LFU)): a long average switches only on steady evidence. `shadow_window=None`
+  turns the experts off: plain ARC.
 
 Tokens: `recent_fraction` of the budget goes to the newest tokens, the rest to the largest accumulated attention
 among the older ones (H2O, arXiv 2306.14048, keeps half and half, our default). 1.0 is `LRUPolicy`'s window and
