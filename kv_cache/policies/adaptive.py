@@ -219,7 +219,7 @@ class _Experts(Generic[K]):
     """Three key-only shadow caches (plain ARC, LRU, LFU) and the real residents in LRU and in LFU order.
 
     `record` replays each access of the real cache on every shadow, at the real cache's capacity, and updates an
-    exponential moving average of each shadow's hit rate; `leader` names the best, ARC on ties.
+    exponential moving average of each shadow's hit rate; `leader` names the best, LRU then ARC on ties.
     """
 
     def __init__(self, window: float, capacity: int | None) -> None:
@@ -254,7 +254,7 @@ class _Experts(Generic[K]):
             (order.touch if hit else order.insert)(key, weight)
 
     def leader(self) -> CacheStrategy:
-        return max(self._hit_rates, key=self._hit_rates.__getitem__)  # the first maximum: ARC wins ties
+        return max(self._hit_rates, key=self._hit_rates.__getitem__)  # the first maximum: LRU wins ties, then ARC
 
     def evict(self, rule: CacheStrategy, evictable: Callable[[K], bool] | None) -> list[K]:
         """Name and forget the resident that `rule` (LRU or LFU) evicts next among those `evictable` accepts.
