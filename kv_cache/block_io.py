@@ -11,6 +11,7 @@ What can run out of memory (index tensors, gathers, dtype casts, quantization) i
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -92,19 +93,17 @@ def token_rows(states: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def write_slots(
-    dense: DenseBlocks, slots: list[int], count: int, rows: TokenRows, to_tensor: Callable[[tuple[int, ...]], Tensor]
+    dense: DenseBlocks, slots: tuple[int, ...], rows: TokenRows, to_tensor: Callable[[tuple[int, ...]], Tensor]
 ) -> None:
-    """Copy `count` new tokens per table from `rows` into consecutive slots from `slots[i]` (table i's first).
+    """Copy the new tokens `rows` (`[n, kv_heads, head_dim]`) into `slots` (`n` slot ids, row order).
 
-    The caller has checked that each run stays inside one full-precision block. `to_tensor` turns slot ids into
-    an int64 tensor on the pool's device (the store caches them: every layer of a decode step writes the same).
+    Consecutive slots take one contiguous copy; otherwise `to_tensor` turns the slot ids into an int64 tensor on
+    the pool's device (the store caches them: every layer of a step writes the same slots).
     """
-    if len(slots) == 1:
-        _copy_run(dense, slots[0], count, rows)
+    if slots[-1] - slots[0] == len(slots) - 1 and all(b - a == 1 for a, b in itertools.pairwise(slots)):
+        _copy_run(dense, slots[0], len(slots), rows)
         return
-    # Row `i * count + t` of `rows` goes to slot `slots[i] + t`.
-    flat = tuple(slots) if count == 1 else tuple(slot + t for slot in slots for t in range(count))
-    dense.write(to_tensor(flat), rows[0], rows[1])
+    dense.write(to_tensor(slots), rows[0], rows[1])
 
 
 def _copy_run(dense: DenseBlocks, slot: int, count: int, rows: TokenRows) -> None:

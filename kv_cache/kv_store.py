@@ -357,8 +357,8 @@ class KVStore:
             slots = self._in_place_slots(tables, layer, count)
             if slots is None:
                 self._append_planned(tables, layer, rows)
-            else:  # the common decode step: the blocks are there, nothing to plan, allocate or seal
-                write_slots(self.pool.dense(layer), slots, count, rows, self._slot_tensor)
+            else:  # a decode step or a chunk after the first layer: the blocks are there, nothing to plan
+                write_slots(self.pool.dense(layer), slots, rows, self._slot_tensor)
             for table in tables:
                 table.layer_lengths[layer] += count
             if self._mass is not None:  # a new token has received no attention yet
@@ -406,27 +406,27 @@ class KVStore:
                 self._version = version
                 raise
 
-    def _in_place_slots(self, tables: list[BlockTable], layer: int, count: int) -> list[int] | None:
-        """Each table's slot for its first new token, when the `count` new tokens of `layer` all go into a
-        full-precision block the table already holds alone and nothing is sealed (in a decode step, every layer
-        after the one that allocated the block); else None, and `append` plans the write."""
+    def _in_place_slots(self, tables: list[BlockTable], layer: int, count: int) -> tuple[int, ...] | None:
+        """Every new token's slot (table by table, `count` each) when the new tokens of `layer` all go into
+        full-precision blocks the table already holds alone and nothing is sealed (in a decode step or a prefill
+        chunk, every layer after the one that allocated the blocks); else None, and `append` plans the write."""
         pool, sealer, size, max_tokens = self.pool, self.sealer, self.block_size, self.config.max_tokens
         assert pool is not None
-        slots = []
+        slots: list[int] = []
         for table in tables:
             start = table.layer_lengths[layer]
-            offset = start % size
-            block = table.dense_blocks.get(start // size)
-            if (
-                block is None
-                or offset + count > size
-                or start + count > max_tokens
-                or pool.ref_count(block) > 1
-                or (sealer is not None and sealer.target(table, layer, count) > table.layer_sealed[layer])
+            end = start + count
+            if end > max_tokens or (
+                sealer is not None and sealer.target(table, layer, count) > table.layer_sealed[layer]
             ):
                 return None
-            slots.append(block * size + offset)
-        return slots
+            for logical in range(start // size, (end - 1) // size + 1):
+                block = table.dense_blocks.get(logical)
+                if block is None or pool.ref_count(block) > 1:
+                    return None
+                shift = (block - logical) * size  # token position -> slot inside this block
+                slots.extend(range(max(start, logical * size) + shift, min(end, (logical + 1) * size) + shift))
+        return tuple(slots)
 
     def _slot_tensor(self, slots: tuple[int, ...]) -> torch.Tensor:
         """`slots` as an int64 tensor on the pool's device, cached: the layers of one decode step write the same

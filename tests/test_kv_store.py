@@ -257,3 +257,31 @@ def test_in_place_write_still_copies_a_shared_block() -> None:
             assert torch.equal(store.read([seq], layer)[0], torch.cat([keys, step_k[row : row + 1]], dim=2))
     assert store.block_ids(child)[1] != store.block_ids(parent)[1]
     store.check_invariants()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_chunk_over_several_blocks_is_planned_once_then_written_in_place(
+    batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first layer of a 9-token chunk allocates its blocks; the other layers write into them in place (one
+    contiguous copy for one row, an index otherwise), and every layer reads back what it was given."""
+    gen = torch.Generator().manual_seed(10)
+    store = KVStore(KVCacheConfig(max_tokens=64, block_size=4, device="cpu"), num_layers=3)
+    seqs = [store.add_sequence() for _ in range(batch)]
+    first_k, first_v = kv(batch, 3, gen)
+    chunk_k, chunk_v = kv(batch, 9, gen)  # positions 3..11: blocks 0 (partly), 1 and 2
+    planned: list[int] = []
+    plan = store._append_planned
+    monkeypatch.setattr(
+        store, "_append_planned", lambda tables, layer, rows: planned.append(layer) or plan(tables, layer, rows)
+    )
+    for layer in range(3):
+        store.append(seqs, layer, first_k, first_v)
+    for layer in range(3):
+        store.append(seqs, layer, chunk_k, chunk_v)
+    assert planned == [0, 0]
+    for layer in range(3):
+        got_k, got_v = store.read(seqs, layer)
+        assert torch.equal(got_k, torch.cat([first_k, chunk_k], dim=2))
+        assert torch.equal(got_v, torch.cat([first_v, chunk_v], dim=2))
+    store.check_invariants()
