@@ -26,7 +26,6 @@ from kv_cache.kv_store import KVStore
 from kv_cache.low_rank import LowRankProjection
 from kv_cache.profiler import Profiler
 from kv_cache.stats import CacheStatsTracker, build_stats, store_gauges
-from kv_cache.tensors import validate_tensor_shapes
 from kv_cache.token_eviction import TokenEvictor
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
@@ -85,7 +84,6 @@ class PagedLayer(CacheLayerMixin):
             cached = cache.store.num_tokens(cache.seq_ids[0], self.layer_idx)
             stored = key_states, value_states
             if cache.low_rank is not None:  # the blocks hold coefficients on the layer's bases
-                validate_tensor_shapes(*stored, head_dim=cache.low_rank.head_dim(self.layer_idx))
                 stored = cache.low_rank.compress(self.layer_idx, *stored)
             cache.store.append(cache.seq_ids, self.layer_idx, *stored)
             if paged:  # the attention function reads the blocks itself

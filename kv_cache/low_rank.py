@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from kv_cache.errors import CacheValidationError
+from kv_cache.tensors import validate_tensor_shapes
 
 METHODS = ("svd", "low_rank")
 
@@ -154,7 +155,9 @@ class LowRankProjection:
 
     def compress(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """States `[batch, kv_heads, tokens, head_dim]` -> coefficients `[batch, kv_heads, tokens, rank]` in the states'
-        dtype (the layer's bases are fitted on these states if it has none yet)."""
+        dtype (the layer's bases are fitted on these states if it has none yet). States a cache would not accept, or
+        of another head_dim than the bases', raise `CacheValidationError`."""
+        validate_tensor_shapes(keys, values, head_dim=self.head_dim(layer))
         if self.bases[layer] is None:
             self.calibrate(layer, keys, values)
         key_basis, value_basis = self._pair(layer)

@@ -29,7 +29,6 @@ from kv_cache.policies import AdaptivePolicy, LFUPolicy, LRUPolicy, Policy, make
 from kv_cache.profiler import Profiler
 from kv_cache.quantizer import Quantizer
 from kv_cache.stats import CacheStatsTracker, build_stats, store_gauges
-from kv_cache.tensors import validate_tensor_shapes
 from kv_cache.token_eviction import TokenEvictor
 
 T = TypeVar("T")
@@ -143,7 +142,6 @@ class BaseKVCache:
         """
         with self.profiler.record("forward", key.device if isinstance(key, torch.Tensor) else None):
             if self.low_rank is not None:
-                validate_tensor_shapes(key, value, head_dim=self.low_rank.head_dim(0))
                 key, value = self.low_rank.compress(0, key, value)  # the store holds coefficients
             self.store.validate_inputs(self.seq_ids or None, 0, key, value)
             self._check_manager_device(key.device)
