@@ -9,6 +9,9 @@ prompt 1024, 128 new tokens (no early stop), all in one run:
     ours bf16      KVCache + kv_cache's paged attention (register_attention)
     ours INT4      KVCache(use_quantization, 4 bits, 128-token full-precision window) + paged attention
     ours INT4 R0   the same without the full-precision window (every whole block sealed)
+    ours ... graphs          the same inside `decode_graphs(model)`: each decode step replays a CUDA graph (a new
+                             cache per call: its first decode step is eager and captures the graph)
+    ours ... graphs reused   one cache, `reset()` between calls: the graph captured by the warm-up call replays
     ours INT4 unchecked   ours INT4 with check_finite=False (no device sync per layer; not in the default list)
 
 tokens/s counts new tokens over the whole `generate` call (prefill included), after one warm-up call per method;
@@ -24,6 +27,7 @@ generate call (cProfile; time blocked in a device sync counts towards the functi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import pstats
@@ -35,7 +39,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from kv_cache import KVCache, KVCacheConfig
+from kv_cache import KVCache, KVCacheConfig, decode_graphs
 from kv_cache.hf_attention import register_attention
 
 
@@ -83,11 +87,23 @@ def run_quanto(model: LlamaForCausalLM, inputs: dict[str, Any], new: int) -> Run
     return 0, greedy(model, inputs, new, past_key_values=cache)  # quanto's packed tensors: memory not measured
 
 
-def make_ours(config: KVCacheConfig) -> Callable[[LlamaForCausalLM, dict[str, Any], int], Run]:
+def make_ours(
+    config: KVCacheConfig, graphs: bool = False, reuse: bool = False
+) -> Callable[[LlamaForCausalLM, dict[str, Any], int], Run]:
+    """Our cache: a new one per call, or (`reuse`) one cache reset between calls, whose decode graph is then
+    captured by the warm-up call and replayed by the timed one; `graphs` runs generate inside `decode_graphs`."""
+    kept: list[KVCache] = []
+
     def run(model: LlamaForCausalLM, inputs: dict[str, Any], new: int) -> Run:
         model.set_attn_implementation(register_attention())
-        cache = KVCache(config, model.config)
-        ids = greedy(model, inputs, new, past_key_values=cache)
+        if reuse and kept:
+            cache = kept[0]
+            cache.reset()
+        else:
+            cache = KVCache(config, model.config)
+            kept[:] = [cache] if reuse else []
+        with decode_graphs(model) if graphs else contextlib.nullcontext():
+            ids = greedy(model, inputs, new, past_key_values=cache)
         return int(cache.get_stats()["storage_memory_mb"] * 2**20), ids
 
     return run
@@ -146,6 +162,16 @@ def main() -> None:
         "quanto": run_quanto,
         "ours bf16": make_ours(KVCacheConfig(max_tokens=max_tokens, block_size=16)),
         "ours INT4": make_ours(KVCacheConfig(max_tokens=max_tokens, use_quantization=True, quantization_bits=4)),
+        "ours bf16 graphs": make_ours(KVCacheConfig(max_tokens=max_tokens, block_size=16), graphs=True),
+        "ours INT4 graphs": make_ours(
+            KVCacheConfig(max_tokens=max_tokens, use_quantization=True, quantization_bits=4), graphs=True
+        ),
+        "ours bf16 graphs reused": make_ours(
+            KVCacheConfig(max_tokens=max_tokens, block_size=16), graphs=True, reuse=True
+        ),
+        "ours INT4 graphs reused": make_ours(
+            KVCacheConfig(max_tokens=max_tokens, use_quantization=True, quantization_bits=4), graphs=True, reuse=True
+        ),
         "ours INT4 R0": make_ours(
             KVCacheConfig(max_tokens=max_tokens, use_quantization=True, quantization_bits=4, residual_tokens=0)
         ),
@@ -158,7 +184,7 @@ def main() -> None:
     if torch.cuda.is_available():
         lines.append(f"gpu: {torch.cuda.get_device_name()}")
     lines.append(
-        f"{'method':<12} {'s':>8} {'tokens/s':>10} {'prefill s':>10} {'decode tok/s':>13} {'KV MiB':>10} "
+        f"{'method':<24} {'s':>8} {'tokens/s':>10} {'prefill s':>10} {'decode tok/s':>13} {'KV MiB':>10} "
         f"{'same tokens as dynamic':>24}"
     )
     results: dict[str, float] = {}
@@ -167,7 +193,7 @@ def main() -> None:
         try:
             seconds, (kv_bytes, ids) = timed(methods[name], model, inputs, args.new)
         except Exception as error:  # a baseline that cannot run here is reported, not fatal
-            lines.append(f"{name:<12} not run: {type(error).__name__}: {str(error)[:100]}")
+            lines.append(f"{name:<24} not run: {type(error).__name__}: {str(error)[:100]}")
             print(lines[-1], flush=True)
             continue
         reference = ids if reference is None else reference
@@ -177,13 +203,13 @@ def main() -> None:
         split = "-" if prefill is None else f"{prefill:.2f}"
         decode = "-" if prefill is None else f"{args.batch * (args.new - 1) / (seconds - prefill):.1f}"
         lines.append(
-            f"{name:<12} {seconds:>8.2f} {results[name]:>10.1f} {split:>10} {decode:>13} {kv_bytes / 2**20:>10.1f} "
+            f"{name:<24} {seconds:>8.2f} {results[name]:>10.1f} {split:>10} {decode:>13} {kv_bytes / 2**20:>10.1f} "
             f"{same:>23.1%}"
         )
         print(lines[-1], flush=True)
     for name, rate in results.items():
         ratios = ", ".join(f"{rate / results[base]:.2f}x {base}" for base in ("static", "quanto") if base in results)
-        lines.append(f"{name:<12} {ratios}")
+        lines.append(f"{name:<24} {ratios}")
     text = "\n".join(lines)
     print(text)
     for name in filter(None, args.profile.split(",")):

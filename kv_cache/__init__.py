@@ -8,6 +8,7 @@ from kv_cache.block_format import BlockFormat
 from kv_cache.block_pool import BlockPool
 from kv_cache.block_table import BlockTable
 from kv_cache.config import CacheMode, CacheStrategy, KVCacheConfig
+from kv_cache.decode_graphs import decode_graphs
 from kv_cache.devices import (
     available_devices,
     enable_speed_settings,
@@ -78,6 +79,7 @@ __all__ = [
     "available_devices",
     "calculate_tensor_memory_mb",
     "create_eviction_strategy",
+    "decode_graphs",
     "enable_speed_settings",
     "format_memory_size",
     "get_device_info",

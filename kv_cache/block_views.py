@@ -1,6 +1,7 @@
 """Block tables as tensors: what attention kernels and gathers read, built from `BlockTable`s.
 
     block rows  [batch, blocks] int64 ids of a range of logical blocks (`block_rows`)
+    view rows   the same tables as host lists (`view_rows`), for a caller that fills buffers of its own
     paged view  `PagedKV`: one layer's storage tensors with int32 block tables and lengths, rows of any length
                 (padded with block 0 past each row's end), full-precision tail and sealed part separately
 
@@ -10,6 +11,7 @@ Building them costs a host-to-device copy, so the store keeps them in a `Version
 from __future__ import annotations
 
 from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import torch
@@ -55,26 +57,49 @@ def consecutive_run(rows: list[list[int]]) -> int | None:
     return row[0] if row == list(range(row[0], row[0] + len(row))) else None
 
 
-def paged_view(tables: list[BlockTable], layer: int, pool: BlockPool, quantized_pool: BlockPool | None) -> PagedKV:
-    """`layer` of the tables as `kv_cache.attention` reads it (see `attention.paged_kv` for the layout)."""
-    size, device = pool.block_size, pool.device
-    sealed = [t.layer_sealed[layer] // size for t in tables]
+@dataclass(frozen=True)
+class ViewRows:
+    """One layer of a batch as host lists: what `paged_view` copies to the device.
+
+    dense_rows: per table, the full-precision block ids after its sealed blocks; tail_lens: the tokens in them;
+    sealed_rows / sealed_lens: the quantized block ids and their tokens (None without a quantized pool).
+    """
+
+    dense_rows: list[list[int]]
+    tail_lens: list[int]
+    sealed_rows: list[list[int]] | None
+    sealed_lens: list[int] | None
+
+
+def view_rows(tables: list[BlockTable], layer: int, block_size: int, quantized: bool) -> ViewRows:
+    """`layer` of the tables as block-id rows and lengths (see `attention.paged_kv` for the layout)."""
+    sealed = [t.layer_sealed[layer] // block_size for t in tables]
     dense_rows = [
-        [t.dense_blocks[x] for x in range(s, blocks_needed(t.layer_lengths[layer], size))]
+        [t.dense_blocks[x] for x in range(s, blocks_needed(t.layer_lengths[layer], block_size))]
         for t, s in zip(tables, sealed, strict=True)
     ]
     tail = [t.layer_lengths[layer] - t.layer_sealed[layer] for t in tables]
+    if not quantized:
+        return ViewRows(dense_rows, tail, None, None)
+    sealed_rows = [t.quantized_ids[:s] for t, s in zip(tables, sealed, strict=True)]
+    return ViewRows(dense_rows, tail, sealed_rows, [s * block_size for s in sealed])
+
+
+def paged_view(tables: list[BlockTable], layer: int, pool: BlockPool, quantized_pool: BlockPool | None) -> PagedKV:
+    """`layer` of the tables as `kv_cache.attention` reads it (see `attention.paged_kv` for the layout)."""
+    device = pool.device
+    rows = view_rows(tables, layer, pool.block_size, quantized_pool is not None)
     quantized = None
-    if quantized_pool is not None:
+    if quantized_pool is not None and rows.sealed_rows is not None and rows.sealed_lens is not None:
         storage = quantized_pool.quantized(layer)
-        sealed_rows = [t.quantized_ids[:s] for t, s in zip(tables, sealed, strict=True)]
         quantized = QuantizedKV(
             storage.key_codes, storage.key_scale, storage.key_zero,
             storage.value_codes, storage.value_scale, storage.value_zero,
-            _int32_table(sealed_rows, device), _int32_row([s * size for s in sealed], device),
+            _int32_table(rows.sealed_rows, device), _int32_row(rows.sealed_lens, device),
         )  # fmt: skip
     dense = pool.dense(layer)
-    return PagedKV(dense.keys, dense.values, _int32_table(dense_rows, device), _int32_row(tail, device), quantized)
+    table = _int32_table(rows.dense_rows, device)
+    return PagedKV(dense.keys, dense.values, table, _int32_row(rows.tail_lens, device), quantized)
 
 
 def _int32_table(rows: list[list[int]], device: torch.device) -> torch.Tensor:

@@ -98,6 +98,10 @@ def paged_attention(
     _HANDOFF.set(None)
     cache = handoff.cache
     window = kwargs.get("sliding_window")
+    static = cache.graph_step
+    if static is not None:  # a decode step over fixed buffers (decode_graphs): nothing read on the host
+        out = attention.prefill(query, static.paged_kv(handoff.layer_idx), scale=scaling, sliding_window=window)
+        return out.transpose(1, 2), None
     if attention_mask is not None:
         return _dense_fallback(cache, handoff.layer_idx, query, attention_mask, (scaling, window)), None
     seq_ids, layer = cache.seq_ids or [], handoff.layer_idx

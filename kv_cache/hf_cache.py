@@ -13,7 +13,7 @@ Sliding-window layers keep their whole history; the model's sliding mask hides w
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PretrainedConfig
@@ -27,6 +27,9 @@ from kv_cache.low_rank import LowRankProjection
 from kv_cache.profiler import Profiler
 from kv_cache.stats import CacheStatsTracker, build_stats, store_gauges
 from kv_cache.token_eviction import TokenEvictor
+
+if TYPE_CHECKING:
+    from kv_cache.decode_graphs import StaticStep
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
@@ -77,6 +80,10 @@ class PagedLayer(CacheLayerMixin):
             cache.check_eviction_support()
             self.lazy_initialization(key_states, value_states)
         assert cache.seq_ids is not None
+        if cache.graph_step is not None:  # a static decode step (decode_graphs): the slots are reserved
+            cache.graph_step.write(self.layer_idx, key_states, value_states)
+            hand_off(cache, self.layer_idx)
+            return key_states, value_states
         with cache.profiler.record("update", key_states.device):
             paged = cache.reads_paged
             if cache.evictor is not None and not paged:  # the paged attention evicts after it has attended
@@ -157,6 +164,10 @@ class KVCache(Cache):
         compressor = self.config.compressor
         self.low_rank = LowRankProjection(compressor, self.num_layers) if compressor is not None else None
         self.seq_ids: list[int] | None = None
+        # decode_graphs: the static step being run or captured, the graphs by key, the rows checked unpadded
+        self.graph_step: StaticStep | None = None
+        self.decode_graphs: dict[tuple, Any] = {}
+        self.unpadded_rows: tuple[int, ...] | None = None
         layers = [PagedLayer(self, i, t != "full_attention") for i, t in enumerate(layer_types)]
         for layer in layers:
             # Cutting into sealed blocks dequantizes them: crop cannot restore the exact earlier state.

@@ -38,6 +38,7 @@ import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
 import torch
@@ -48,7 +49,7 @@ from kv_cache.block_format import BlockFormat
 from kv_cache.block_io import StateSpec, TokenRows, check_states, dense_write, token_rows, write_slots
 from kv_cache.block_pool import BlockPool
 from kv_cache.block_table import BlockTable, SealBatch, WritePlan, blocks_needed, plan_append
-from kv_cache.block_views import VersionedCache
+from kv_cache.block_views import VersionedCache, ViewRows, view_rows
 from kv_cache.config import CacheMode, CacheStrategy, KVCacheConfig
 from kv_cache.devices import device_tensor
 from kv_cache.errors import CacheMemoryError, CacheValidationError
@@ -57,6 +58,18 @@ from kv_cache.store_reads import ReadBatch, StoreReads
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class ReservedStep:
+    """What `KVStore.reserve` made room for: the new tokens' `slots` (sequence by sequence, `count` each, the same
+    in every layer), each sequence's first new `positions` (tokens seen before), the batch's tables and lengths
+    after the step (`rows`, every layer alike) and the store's `version` (it moves when a block list changes)."""
+
+    slots: tuple[int, ...]
+    positions: list[int]
+    rows: ViewRows
+    version: int
 
 
 def _memory_errors(method: Callable[P, R]) -> Callable[P, R]:
@@ -356,7 +369,7 @@ class KVStore:
                 self._mass.reserve(seq_ids, layer, count)
             slots = self._in_place_slots(tables, layer, count)
             if slots is None:
-                self._append_planned(tables, layer, rows)
+                self._append_planned(tables, layer, rows, count)
             else:  # a decode step or a chunk after the first layer: the blocks are there, nothing to plan
                 write_slots(self.pool.dense(layer), slots, rows, self._slot_tensor)
             for table in tables:
@@ -364,14 +377,15 @@ class KVStore:
             if self._mass is not None:  # a new token has received no attention yet
                 self._mass.grow(seq_ids, layer, count)
 
-    def _append_planned(self, tables: list[BlockTable], layer: int, rows: TokenRows) -> None:
-        """Write new tokens `rows` (`[batch * tokens, kv_heads, head_dim]`, storage dtype) of `layer` after
-        planning where they go: allocate blocks, copy shared ones, seal what leaves the residual window. Lengths
-        are the caller's. Quantizing reads the blocks as they are; the block changes and the index tensors built
-        on them are undone if one fails; the pools are written last (see the module docstring)."""
+    def _append_planned(self, tables: list[BlockTable], layer: int, rows: TokenRows | None, count: int) -> None:
+        """Write `count` new tokens per table, `rows` (`[batch * count, kv_heads, head_dim]`, storage dtype), of
+        `layer` after planning where they go: allocate blocks, copy shared ones, seal what leaves the residual
+        window. `rows=None` plans and seals only (`reserve`: the caller writes the tokens; nothing sealed may
+        include them). Lengths are the caller's. Quantizing reads the blocks as they are; the block changes and
+        the index tensors built on them are undone if one fails; the pools are written last (module docstring)."""
         pool, sealer = self.pool, self.sealer
         assert pool is not None
-        plans = [self._plan(table, layer, rows[0].shape[0] // len(tables)) for table in tables]
+        plans = [self._plan(table, layer, count) for table in tables]
         seals = sealer.plan(tables, plans, layer) if sealer else []
         self._check_capacity(tables, plans, seals)
         encoded = sealer.encode(seals, rows) if seals and sealer else []
@@ -382,7 +396,7 @@ class KVStore:
                 for table in tables:
                     self._release_sealed(table)
             copies = self._allocate_dense(tables, plans)
-            write = dense_write(pool.dense(layer), tables, plans, rows)
+            write = dense_write(pool.dense(layer), tables, plans, rows) if rows is not None else None
         if sealed is not None and sealer:
             sealer.write(sealed)
         pool.copy_blocks(copies)
@@ -405,6 +419,50 @@ class KVStore:
                     table.restore(before)
                 self._version = version
                 raise
+
+    @_memory_errors
+    def reserve(self, seq_ids: Sequence[int], count: int = 1) -> ReservedStep:
+        """Make room for `count` new tokens per sequence in every layer, without writing them.
+
+        Everything `append` does but the copy: blocks are allocated (copied first where shared), what leaves the
+        residual window is sealed, and every layer's length already counts the new tokens. Their slots are the
+        same in every layer; the caller must write each layer's new tokens there
+        (`pool.dense(layer).write(slots, keys, values)`) before anything reads that layer. This is how a decode
+        step captured in a CUDA graph stores its tokens (`kv_cache.decode_graphs`): the host plans, the graph
+        writes.
+
+        Needs every layer of each sequence at the same length (as between model steps), no attention-mass
+        tracking, and a residual window of at least `count` tokens (sealing must not need the unwritten tokens).
+        Raises `CacheMemoryError` with nothing changed when the pools cannot hold the tokens.
+        """
+        with self._lock:
+            if self.pool is None:
+                raise CacheValidationError("reserve follows a first append (the pools are allocated by it)")
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise CacheValidationError(f"count={count!r} must be an int >= 1")
+            if len(set(seq_ids)) != len(seq_ids) or not seq_ids:
+                raise CacheValidationError(f"seq_ids={list(seq_ids)} must name distinct sequences, at least one")
+            tables = [self._table(s) for s in seq_ids]
+            if any(len(set(t.layer_lengths)) != 1 or len(set(t.layer_sealed)) != 1 for t in tables):
+                raise CacheValidationError("reserve needs every layer of a sequence at the same length and sealing")
+            if self._mass is not None:
+                raise CacheValidationError("reserve does not track attention mass (token eviction by LFU/ADAPTIVE)")
+            if self.sealer is not None and self.config.residual_tokens < count:
+                raise CacheValidationError(
+                    f"reserve of {count} tokens needs residual_tokens >= {count} (got {self.config.residual_tokens})"
+                )
+            slots = self._in_place_slots(tables, 0, count)
+            if slots is None:  # a block boundary or a seal: plan layer 0; it seals the other layers alike
+                for layer in range(self.num_layers):
+                    if self._in_place_slots(tables, layer, count) is None:
+                        self._append_planned(tables, layer, None, count)
+                slots = self._in_place_slots(tables, 0, count)
+                assert slots is not None
+            for table in tables:
+                table.layer_lengths[:] = [length + count for length in table.layer_lengths]
+            positions = [t.layer_lengths[0] + t.layer_evicted[0] - count for t in tables]
+            rows = view_rows(tables, 0, self.block_size, self.quantized_pool is not None)
+            return ReservedStep(slots, positions, rows, self._version)
 
     def _in_place_slots(self, tables: list[BlockTable], layer: int, count: int) -> tuple[int, ...] | None:
         """Every new token's slot (table by table, `count` each) when the new tokens of `layer` all go into

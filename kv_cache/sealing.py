@@ -92,9 +92,10 @@ class Sealer:
             for table, logicals in written.values()
         ]
 
-    def encode(self, seals: list[SealBatch], rows: TokenRows) -> list[tuple[torch.Tensor, ...]]:
-        """Quantize every batch in `seals` (the new `rows` feed the batch that has `rows`): reads blocks, changes
-        nothing, so a block that cannot be sealed (NaN/Inf) or a failing allocation raises before anything does."""
+    def encode(self, seals: list[SealBatch], rows: TokenRows | None) -> list[tuple[torch.Tensor, ...]]:
+        """Quantize every batch in `seals` (the new `rows`, if given, feed the batch that has `rows`): reads blocks,
+        changes nothing, so a block that cannot be sealed (NaN/Inf) or a failing allocation raises before anything
+        does."""
         return [self._encode(seal, rows if seal.rows is not None else None) for seal in seals]
 
     def assign(self, seals: list[SealBatch], encoded: list[tuple[torch.Tensor, ...]]) -> SealWrites:

@@ -273,7 +273,9 @@ def test_a_chunk_over_several_blocks_is_planned_once_then_written_in_place(
     planned: list[int] = []
     plan = store._append_planned
     monkeypatch.setattr(
-        store, "_append_planned", lambda tables, layer, rows: planned.append(layer) or plan(tables, layer, rows)
+        store,
+        "_append_planned",
+        lambda tables, layer, rows, count: planned.append(layer) or plan(tables, layer, rows, count),
     )
     for layer in range(3):
         store.append(seqs, layer, first_k, first_v)
