@@ -69,9 +69,13 @@ def window(index: int, length: int) -> list[int]:
     return encode(TEXT[start : start + length]).tolist()
 
 
+GRAPHS = {"auto": None, "on": True, "off": False}
+DECODE_GRAPHS: list[bool | None] = [None]  # EngineConfig.decode_graphs of every engine built here (--graphs)
+
+
 def make_engine(model: torch.nn.Module, num_blocks: int, max_tokens: int = 4096, **engine: Any) -> KVCacheEngine:
     config = KVCacheConfig(num_blocks=num_blocks, block_size=16, max_tokens=max_tokens)
-    settings = {"prefill_chunk_size": 2048, "max_num_seqs": 16, **engine}
+    settings = {"prefill_chunk_size": 2048, "max_num_seqs": 16, "decode_graphs": DECODE_GRAPHS[0], **engine}
     return KVCacheEngine(model, config, EngineConfig(**settings))  # type: ignore[arg-type]
 
 
@@ -238,8 +242,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--throughput-repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--graphs", choices=list(GRAPHS), default="auto", help="EngineConfig.decode_graphs")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    DECODE_GRAPHS[0] = GRAPHS[args.graphs]
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model = build_model(args.model, args.device)

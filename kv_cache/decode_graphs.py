@@ -69,70 +69,95 @@ GRAPH_KWARGS = frozenset(
 
 
 class StaticStep:
-    """The fixed device buffers a captured decode step of `batch` sequences reads, and its two jobs inside the
-    forward: `write` a layer's new keys/values into the reserved slots, `paged_kv` the layer for attention.
+    """The fixed device buffers a captured model step of `batch` rows x `tokens` new tokens reads, and its two
+    jobs inside the forward: `write` a layer's new keys/values into the reserved slots, `paged_kv` the layer for
+    attention.
 
-    Buffers: ids `[batch, 1]` int64; `meta` int64 = positions `[batch]`, slots `[batch]`, then what the kernels
-    read as int32 (`tables32`, converted inside the graph): tail lengths `[batch]`, sealed lengths `[batch]`,
-    the full-precision block table `[batch, dense_width]` and the sealed one `[batch, sealed_width]`.
+    Buffers: ids `[batch, tokens]` int64; `meta` int64 = the index of the kept logits `[1]`, positions
+    `[batch, tokens]`, slots `[batch * tokens]`, then what the kernels read as int32 (`tables32`, converted inside
+    the graph): tail lengths `[batch]`, sealed lengths `[batch]`, the full-precision block table
+    `[batch, dense_width]` and the sealed one `[batch, sealed_width]`.
     """
 
-    def __init__(self, store: KVStore, batch: int) -> None:
+    def __init__(self, store: KVStore, batch: int, tokens: int = 1) -> None:
         pool = store.pool
         if pool is None:
-            raise CacheValidationError("a decode graph follows a prefill: the cache holds no tokens yet")
+            raise CacheValidationError("a step graph follows a first append: the cache holds no tokens yet")
         config, size = store.config, store.block_size
-        self.store, self.batch, self.device = store, batch, pool.device
+        self.store, self.batch, self.tokens, self.device = store, batch, tokens, pool.device
         self.quantized = store.quantized_pool is not None
         if self.quantized:  # the tail holds < residual_tokens + block_size tokens, from a block boundary
             self.dense_width = config.residual_tokens // size + 2
             self.sealed_width = blocks_needed(config.max_tokens, size)
         else:
             self.dense_width, self.sealed_width = blocks_needed(config.max_tokens, size), 0
-        self.head = 4 * batch  # positions, slots, tail lengths, sealed lengths: copied every step
+        per_step = batch * tokens
+        self.head = 1 + 2 * per_step + 2 * batch  # copied every step; the tables only when they change
         tables = batch * (self.dense_width + self.sealed_width)
-        self.ids = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
+        self.ids = torch.zeros((batch, tokens), dtype=torch.long, device=self.device)
         self.meta = torch.zeros(self.head + tables, dtype=torch.long, device=self.device)
         self.tables32 = torch.zeros(2 * batch + tables, dtype=torch.int32, device=self.device)
-        self.positions = self.meta[:batch].view(batch, 1)
-        self.cache_position = self.meta[:1]
-        self.slots = self.meta[batch : 2 * batch]
-        self._version: int | None = None  # the store version whose tables `meta` holds
+        self.keep_index = self.meta[:1]
+        self.positions = self.meta[1 : 1 + per_step].view(batch, tokens)
+        self.cache_position = self.meta[1 : 1 + tokens]
+        self.slots = self.meta[1 + per_step : 1 + 2 * per_step]
+        self._tables_of: tuple[int, tuple[int, ...]] | None = None  # (store version, rows) of the tables in `meta`
         self._views: dict[int, PagedKV] = {}
 
-    def load(self, step: ReservedStep, input_ids: torch.Tensor) -> None:
-        """Copy a reserved step into the buffers: ids (device to device), then positions, slots and lengths, and
-        the block tables when the store's version moved (one non-blocking copy from page-locked memory)."""
-        rows, batch = step.rows, self.batch
-        with_tables = step.version != self._version
+    def load(self, step: ReservedStep, seq_ids: tuple[int, ...], input_ids: torch.Tensor) -> None:
+        """Copy a step reserved for `tokens` tokens per row of `seq_ids` into the buffers: ids `[rows, n]`
+        (device to device; n <= tokens), the kept-logits index n - 1, positions, slots and lengths, and the block
+        tables when the rows or the store's version changed (one non-blocking copy from page-locked memory).
+
+        Tokens past `n` repeat the row's last token at the next positions (their keys/values land past the real
+        end, and a real query never sees them: its causal limit is set by the lengths); rows past `rows` up to
+        `batch` repeat the last row (the same tokens into the same slots). Their outputs are dropped.
+        """
+        rows, batch, tokens, count = step.rows, self.batch, self.tokens, len(seq_ids)
+        with_tables = (step.version, seq_ids) != self._tables_of
         length = self.head + (self.meta.shape[0] - self.head if with_tables else 0)
         staging = torch.empty(length, dtype=torch.long, pin_memory=self.device.type == "cuda")
         values = staging.numpy()
-        values[:batch] = step.positions
-        values[batch : 2 * batch] = step.slots
-        values[2 * batch : 3 * batch] = rows.tail_lens
-        values[3 * batch : 4 * batch] = rows.sealed_lens if rows.sealed_lens is not None else 0
+        values[0] = input_ids.shape[1] - 1
+        per_step = batch * tokens
+        positions = values[1 : 1 + per_step].reshape(batch, tokens)
+        positions[:count] = np.add.outer(step.positions, np.arange(tokens))
+        positions[count:] = positions[count - 1]
+        slots = values[1 + per_step : 1 + 2 * per_step].reshape(batch, tokens)
+        slots[:count] = np.asarray(step.slots).reshape(count, tokens)
+        slots[count:] = slots[count - 1]
+        sealed_lens = rows.sealed_lens if rows.sealed_lens is not None else [0] * count
+        for offset, column in ((1 + 2 * per_step, rows.tail_lens), (1 + 2 * per_step + batch, sealed_lens)):
+            values[offset : offset + count] = column
+            values[offset + count : offset + batch] = column[-1]
         if with_tables:
             self._fill(values[self.head :], rows.dense_rows, self.dense_width, "full-precision")
             if rows.sealed_rows is not None:
                 sealed = values[self.head + batch * self.dense_width :]
                 self._fill(sealed, rows.sealed_rows, self.sealed_width, "sealed")
-            self._version = step.version
+            self._tables_of = (step.version, seq_ids)
         self.meta[:length].copy_(staging, non_blocking=True)
-        self.ids.copy_(input_ids)
+        new = input_ids.shape[1]
+        self.ids[:count, :new].copy_(input_ids)
+        if new < tokens:
+            self.ids[:count, new:].copy_(input_ids[:, -1:].expand(count, tokens - new))
+        if count < batch:
+            self.ids[count:].copy_(self.ids[count - 1 : count].expand(batch - count, tokens))
 
     def _fill(self, values: np.ndarray, rows: list[list[int]], width: int, what: str) -> None:
-        for index, row in enumerate(rows):
+        """Rows of block ids, each from `index * width`, the last one repeated up to `batch`."""
+        for index in range(self.batch):
+            row = rows[min(index, len(rows) - 1)]
             if len(row) > width:
-                raise CacheError(f"a sequence spans {len(row)} {what} blocks; the decode graph's table holds {width}")
+                raise CacheError(f"a sequence spans {len(row)} {what} blocks; the step graph's table holds {width}")
             values[index * width : index * width + len(row)] = row
 
     def convert(self) -> None:
         """The kernels' int32 lengths and tables from `meta` (a device op: it is part of the graph)."""
-        self.tables32.copy_(self.meta[2 * self.batch :])
+        self.tables32.copy_(self.meta[1 + 2 * self.batch * self.tokens :])
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store `layer`'s new states `[batch, kv_heads, 1, head_dim]` into the reserved slots."""
+        """Store `layer`'s new states `[batch, kv_heads, tokens, head_dim]` into the reserved slots."""
         pool = self.store.pool
         assert pool is not None
         dense = pool.dense(layer)
@@ -165,23 +190,45 @@ class StaticStep:
         return PagedKV(dense.keys, dense.values, dense_table, tail_lens, quantized)
 
 
-class DecodeGraph:
-    """One-token decode steps of `forward` over `cache` for `batch` sequences: eager the first time, then a
-    replay of the CUDA graph captured after it (`capture=False`: always the eager static step)."""
+class StepGraph:
+    """Model steps of `forward` over `cache` adding up to `tokens` tokens to each of up to `batch` sequences:
+    eager the first time, then a replay of the CUDA graph captured after it (or always the eager static step
+    where nothing can be captured).
 
-    def __init__(self, forward: Callable[..., Any], cache: KVCache, batch: int, options: dict[str, Any]) -> None:
+    forward: the model's call (`input_ids`, `position_ids`, `past_key_values`, `logits_to_keep`, ...);
+    options: `logits_to_keep` (0 or 1, for one token; with more tokens the logits of each row's last real token
+    are kept) and `cache_position` (whether `forward` takes one). Steps with fewer tokens than `tokens` need a
+    full-precision store (the padding is written past the end and cut off after the step; with quantization the
+    padded length would seal earlier than the eager path).
+    """
+
+    def __init__(
+        self, forward: Callable[..., Any], cache: KVCache, batch: int, options: dict[str, Any], tokens: int = 1
+    ) -> None:
         assert cache.store.pool is not None
+        if tokens > 1 and cache.store.quantized_pool is not None:
+            raise CacheValidationError("step graphs of several tokens need a full-precision store")
         self.forward, self.cache, self.options = forward, cache, options
-        self.static = StaticStep(cache.store, batch)
+        self.static = StaticStep(cache.store, batch, tokens)
         self.capture = _capturable(self.static)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: Any = None
 
     def __call__(self, input_ids: torch.Tensor) -> Any:
-        cache = self.cache
+        """The model output of one step: `input_ids` `[rows, n]` appended to `cache.seq_ids` (rows <= batch,
+        n <= tokens); its logits are a copy, `[rows, 1, vocab]` (or every token's with one token and
+        `logits_to_keep=0`). Raises `CacheMemoryError`, with nothing changed, when the padded step does not fit."""
+        cache, static = self.cache, self.static
         assert cache.seq_ids is not None
-        step = cache.store.reserve(cache.seq_ids, 1)
-        self.static.load(step, input_ids)
+        seq_ids = tuple(cache.seq_ids)
+        rows, new = input_ids.shape
+        if not 0 < len(seq_ids) == rows <= static.batch or not 0 < new <= static.tokens:
+            raise CacheValidationError(
+                f"input_ids {list(input_ids.shape)} must be [rows, n] for the cache's {len(seq_ids)} rows, with rows "
+                f"<= {static.batch} and n <= {static.tokens}"
+            )
+        step = cache.store.reserve(seq_ids, static.tokens)
+        static.load(step, seq_ids, input_ids)
         if self.graph is not None:
             self.graph.replay()
             output = self.output
@@ -189,10 +236,13 @@ class DecodeGraph:
             output = self._run()
             if self.capture:
                 self._capture()
-        layers, batch = cache.num_layers, self.static.batch
-        cache.tracker.record_read(sum(step.positions) * layers, batch * layers)
+        if new < static.tokens:  # cut the padding off (its blocks go back to the pool)
+            for seq_id, first in zip(seq_ids, step.positions, strict=True):
+                cache.store.truncate(seq_id, first + new)
+        layers = cache.num_layers
+        cache.tracker.record_read(sum(step.positions) * layers, rows * new * layers)
         cache.tracker.snapshot(functools.partial(store_gauges, cache.store))
-        return type(output)(logits=output.logits.clone(), past_key_values=cache)
+        return type(output)(logits=output.logits[:rows].clone(), past_key_values=cache)
 
     def _run(self) -> Any:
         """The forward over the static buffers (what the graph holds)."""
@@ -201,9 +251,10 @@ class DecodeGraph:
         cache.graph_step = static
         try:
             extra = {"cache_position": static.cache_position} if self.options["cache_position"] else {}
+            keep = self.options["logits_to_keep"] if static.tokens == 1 else static.keep_index
             return self.forward(
                 input_ids=static.ids, position_ids=static.positions, past_key_values=cache, use_cache=True,
-                return_dict=True, logits_to_keep=self.options["logits_to_keep"], **extra,
+                return_dict=True, logits_to_keep=keep, **extra,
             )  # fmt: skip
         finally:
             cache.graph_step = None
@@ -248,7 +299,7 @@ def decode_graphs(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 def _runner(model: torch.nn.Module, forward: Callable[..., Any], cache_position: bool, kwargs: dict) -> Any:
-    """The `DecodeGraph` that runs this call, or None when it must run eagerly (module docstring)."""
+    """The `StepGraph` that runs this call, or None when it must run eagerly (module docstring)."""
     cache, ids = kwargs.get("past_key_values"), kwargs.get("input_ids")
     if not isinstance(cache, KVCache) or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] != 1:
         return None
@@ -262,7 +313,7 @@ def _runner(model: torch.nn.Module, forward: Callable[..., Any], cache_position:
         or kwargs.get("return_dict") is False
         or isinstance(keep, bool)
         or keep not in (0, 1)
-        or not _graphable(cache, ids.shape[0])
+        or not graphable(cache, ids.shape[0])
     ):
         return None
     mask = kwargs.get("attention_mask")
@@ -280,8 +331,30 @@ def _runner(model: torch.nn.Module, forward: Callable[..., Any], cache_position:
     runner = cache.decode_graphs.get(key)
     if runner is None:
         options = {"logits_to_keep": keep, "cache_position": cache_position}
-        runner = cache.decode_graphs[key] = DecodeGraph(forward, cache, ids.shape[0], options)
+        runner = cache.decode_graphs[key] = StepGraph(forward, cache, ids.shape[0], options)
     return runner
+
+
+def padded_size(size: int, limit: int) -> int:
+    """The graph size for `size` rows or tokens when they vary (an engine's running set, its prefill chunks): the
+    next power of two, at most `limit` (and at least `size`), so a handful of graphs serve every size."""
+    return max(size, min(limit, 1 << (size - 1).bit_length()))
+
+
+def graphable(cache: KVCache, rows: int) -> bool:
+    """Whether the cache's next one-token step of `rows` sequences can run as a static step: paged attention
+    (`register_attention()`), no token eviction, no low-rank storage, and a full-precision window of >= 1 token
+    when quantized (sealing then never needs the token being written)."""
+    store = cache.store
+    return (
+        cache.reads_paged
+        and cache.evictor is None
+        and cache.low_rank is None
+        and cache.seq_ids is not None
+        and len(cache.seq_ids) == rows
+        and store.pool is not None
+        and (store.sealer is None or cache.config.residual_tokens >= 1)
+    )
 
 
 def _capturable(static: StaticStep) -> bool:
@@ -292,17 +365,3 @@ def _capturable(static: StaticStep) -> bool:
         return False
     probe = torch.empty(0, device=device)
     return attention.select_backend(probe, static.paged_kv(0)) is not attention.reference
-
-
-def _graphable(cache: KVCache, batch: int) -> bool:
-    """Whether the cache's next one-token step can be a static step (no eviction, no low-rank, paged attention)."""
-    store = cache.store
-    return (
-        cache.reads_paged
-        and cache.evictor is None
-        and cache.low_rank is None
-        and cache.seq_ids is not None
-        and len(cache.seq_ids) == batch
-        and store.pool is not None
-        and (store.sealer is None or cache.config.residual_tokens >= 1)
-    )

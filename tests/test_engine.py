@@ -53,10 +53,12 @@ def make_engine(model: PreTrainedModel, num_blocks: int = 256, **engine: object)
     return KVCacheEngine(model, config, EngineConfig(**settings))  # type: ignore[arg-type]
 
 
-def test_matches_hf_generate_with_requests_arriving_mid_run(model: PreTrainedModel) -> None:
+@pytest.mark.parametrize("graphs", [False, True])
+def test_matches_hf_generate_with_requests_arriving_mid_run(model: PreTrainedModel, graphs: bool) -> None:
+    """With `decode_graphs` the running set (1 to 5 requests) pads to graph batches of 1, 2, 4 and 5."""
     batch = prompts(7, seed=1)
     expected = [hf_greedy(model, p, 24) for p in batch]
-    engine = make_engine(model, max_num_seqs=3)
+    engine = make_engine(model, max_num_seqs=5 if graphs else 3, decode_graphs=graphs)
     sampling = SamplingParams(max_new_tokens=24)
     ids = [engine.add_request(p, sampling) for p in batch[:4]]
     for _ in range(5):
@@ -66,6 +68,9 @@ def test_matches_hf_generate_with_requests_arriving_mid_run(model: PreTrainedMod
         engine.step()
     assert [engine.get_request(i).output_ids for i in ids] == expected
     assert engine.get_stats()["requests_running"] == 0
+    graph_keys = engine._cache.decode_graphs
+    assert {b for b, tokens in graph_keys if tokens == 1} == ({1, 2, 4, 5} if graphs else set())
+    assert {tokens for _, tokens in graph_keys if tokens > 1} == ({16, 32} if graphs else set())  # prefill chunks
 
 
 def test_a_random_gqa_llama_matches_hf_generate() -> None:
@@ -79,13 +84,13 @@ def test_a_random_gqa_llama_matches_hf_generate() -> None:
 
 
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_preemption_gives_identical_tokens(model: PreTrainedModel, mode: str, seed: int) -> None:
+@pytest.mark.parametrize(("seed", "graphs"), [(0, False), (1, False), (2, False), (2, True)])
+def test_preemption_gives_identical_tokens(model: PreTrainedModel, mode: str, seed: int, graphs: bool) -> None:
     batch = prompts(6, seed=seed, prefix="def shared_prefix(x):\n    ")
     sampling = SamplingParams(max_new_tokens=32)
     expected = make_engine(model).generate(batch, sampling)
     tier = {"cpu_tier_blocks": 64} if mode == "swap" else {}
-    engine = make_engine(model, num_blocks=18, preemption_mode=mode, **tier)
+    engine = make_engine(model, num_blocks=18, preemption_mode=mode, decode_graphs=graphs, **tier)
     assert engine.generate(batch, sampling) == expected
     stats = engine.get_stats()
     assert stats[f"preempted_{mode}"] > 0 and stats["swap_fallbacks"] == 0
@@ -106,6 +111,8 @@ def test_swap_restores_a_quantized_store_bit_for_bit(model: PreTrainedModel) -> 
     expected, _ = run(200)
     outputs, engine = run(16, preemption_mode="swap", cpu_tier_blocks=64)
     assert outputs == expected
+    graphed, graph_engine = run(16, preemption_mode="swap", cpu_tier_blocks=64, decode_graphs=True)
+    assert graphed == expected and graph_engine._cache.decode_graphs
     assert engine.get_stats()["preempted_swap"] > 0 and engine.store.quantized_pool is not None
 
 

@@ -68,6 +68,10 @@ class EngineConfig:
         redis_ttl_s: expire each block this many seconds after its write; None leaves eviction to the server's
             maxmemory policy (`allkeys-lru` is the intended global policy).
         redis_max_value_bytes: blocks encoded larger than this are not written (nor read back).
+        decode_graphs: run decode steps over fixed buffers (`kv_cache.decode_graphs`), the batch padded to the next
+            power of two up to `max_num_seqs`, each such batch captured once in a CUDA graph and then replayed.
+            None (the default): on CUDA only; True also on other devices (the same static step, eagerly: what the
+            tests check); False: every step eager.
     """
 
     enable_prefix_caching: bool = True
@@ -84,6 +88,7 @@ class EngineConfig:
     redis_namespace: str = "default"
     redis_ttl_s: float | None = None
     redis_max_value_bytes: int = 16 * 2**20
+    decode_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.enable_prefix_caching, bool):
@@ -95,6 +100,8 @@ class EngineConfig:
         self.invariant_check = parse_enum("invariant_check", InvariantCheck, self.invariant_check)
         if not isinstance(self.namespace, str):
             raise CacheValidationError(f"namespace={self.namespace!r} must be a string")
+        if self.decode_graphs is not None and not isinstance(self.decode_graphs, bool):
+            raise CacheValidationError(f"decode_graphs={self.decode_graphs!r} must be True, False or None")
         if not isinstance(self.pin_memory, bool):
             raise CacheValidationError(f"pin_memory={self.pin_memory!r} must be True or False")
         if self.cpu_tier_blocks is not None:

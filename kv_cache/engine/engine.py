@@ -35,6 +35,7 @@ import torch
 from transformers import PreTrainedModel
 
 from kv_cache.config import KVCacheConfig
+from kv_cache.decode_graphs import StepGraph, graphable, padded_size
 from kv_cache.devices import device_tensor
 from kv_cache.engine.components import initialized_store, make_prefix_cache, make_remote, make_tier
 from kv_cache.engine.config import EngineConfig, InvariantCheck
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 from kv_cache.stats import CacheStatsTracker, store_gauges
 from kv_cache.tiers.remote import FetchCost
 
+PREFILL_GRAPH_TOKENS = 512  # prefill chunks up to this many tokens replay graphs; longer ones are GPU-bound
 RETAINED_REQUESTS = 1024  # finished requests kept for `get_request`/`request_stats`/`stream`, the newest first
 
 
@@ -88,6 +90,8 @@ class KVCacheEngine:
         model.set_attn_implementation(register_attention())
         self.store = initialized_store(model, config, engine_config.max_num_seqs)
         self._cache = KVCache(model_config=model.config, store=self.store)
+        graphs = engine_config.decode_graphs
+        self._graphs = self.device.type == "cuda" if graphs is None else graphs
         self.tier = make_tier(self.store, engine_config)
         self.prefix_cache = make_prefix_cache(model, config, engine_config, self.store, self.tier)
         self.remote = make_remote(engine_config, self.prefix_cache)
@@ -293,10 +297,18 @@ class KVCacheEngine:
 
     def _run_model(self, seq_ids: list[int], ids: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Logits `[batch, vocab]` after the last of `ids[i]` (equal counts of new tokens per row), appended to
-        sequence `seq_ids[i]` from position `starts[i]`."""
+        sequence `seq_ids[i]` from position `starts[i]` (the sequence's length: a decode graph takes it from the
+        store)."""
         count = len(ids[0])
-        positions = device_tensor([[start] for start in starts], torch.long, self.device)
         self._cache.seq_ids = seq_ids
+        graph = self._step_graph(len(seq_ids), count) if graphable(self._cache, len(seq_ids)) else None
+        if graph is not None:
+            try:
+                return graph(device_tensor(ids, torch.long, self.device)).logits[:, -1]
+            except CacheMemoryError:  # the padded chunk does not fit where the chunk itself does: run it eagerly
+                if graph.static.tokens == count:
+                    raise
+        positions = device_tensor([[start] for start in starts], torch.long, self.device)
         return self.model(
             input_ids=device_tensor(ids, torch.long, self.device),
             position_ids=positions + torch.arange(count, device=self.device),
@@ -304,6 +316,24 @@ class KVCacheEngine:
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
+
+    def _step_graph(self, rows: int, tokens: int) -> StepGraph | None:
+        """The step graph for `rows` sequences of `tokens` new tokens each, padded to the next power of two (rows
+        up to `max_num_seqs`; tokens from 16 up to `PREFILL_GRAPH_TOKENS`, full-precision stores only); made on
+        first use and kept on the cache. None: the step runs eagerly (graphs off, a longer chunk, or a quantized
+        prefill)."""
+        if not self._graphs or (
+            tokens > 1 and (tokens > PREFILL_GRAPH_TOKENS or self.store.quantized_pool is not None)
+        ):
+            return None
+        batch = padded_size(rows, self.engine_config.max_num_seqs)
+        width = 1 if tokens == 1 else padded_size(max(tokens, 16), PREFILL_GRAPH_TOKENS)
+        runner = self._cache.decode_graphs.get((batch, width))
+        if runner is None:
+            options = {"logits_to_keep": 1, "cache_position": False}
+            runner = StepGraph(self.model, self._cache, batch, options, width)
+            self._cache.decode_graphs[(batch, width)] = runner
+        return runner
 
     def _seconds_since(self, start: float) -> float:
         """Seconds from `start` (`time.perf_counter()`) until the device finished what was queued."""
