@@ -260,9 +260,14 @@ class StepGraph:
             cache.graph_step = None
 
     def _capture(self) -> None:
+        """Capture `_run` into a graph. The graphs of one cache share one memory pool (they never run at once, and
+        each keeps only its output alive); other threads may use the device meanwhile (an engine's tier copies)."""
         graph = torch.cuda.CUDAGraph()
+        cache = self.cache
+        if cache.graph_pool is None:
+            cache.graph_pool = torch.cuda.graph_pool_handle()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=cache.graph_pool, capture_error_mode="thread_local"):
                 self.output = self._run()
         except RuntimeError as error:  # an op that syncs or reads data on the host: stay eager, say why once
             self.capture = False

@@ -164,9 +164,11 @@ class KVCache(Cache):
         compressor = self.config.compressor
         self.low_rank = LowRankProjection(compressor, self.num_layers) if compressor is not None else None
         self.seq_ids: list[int] | None = None
-        # decode_graphs: the static step being run or captured, the graphs by key, the rows checked unpadded
+        # decode_graphs: the static step being run or captured, the graphs by key, their memory pool, the rows checked
+        # unpadded
         self.graph_step: StaticStep | None = None
         self.decode_graphs: dict[tuple, Any] = {}
+        self.graph_pool: Any = None  # the memory pool the graphs share (a CUDA graph pool handle)
         self.unpadded_rows: tuple[int, ...] | None = None
         layers = [PagedLayer(self, i, t != "full_attention") for i, t in enumerate(layer_types)]
         for layer in layers:

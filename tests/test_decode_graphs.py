@@ -3,6 +3,8 @@ tokens; `KVStore.reserve` plans a step exactly as `append` would."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedModel
@@ -73,6 +75,21 @@ def test_graphed_decode_matches_eager(fmt: str, batch: int, length: int) -> None
     stats, eager_stats = cache.get_stats(), cache.eager_stats  # type: ignore[attr-defined]
     for name in ("hit_rate", "cached_tokens_read", "new_tokens_read", "tokens", "blocks_used"):
         assert stats[name] == eager_stats[name], name
+
+
+@pytest.mark.parametrize("kwargs", [{"num_beams": 3}, {"do_sample": True, "top_k": 5}])
+def test_beam_search_and_sampling_match_eager(kwargs: dict) -> None:
+    """Beams reorder the rows (forked tables, copy-on-write at the next reserve); sampling draws from the logits."""
+    model, batch = build(), prompt(2, 11)
+    results = []
+    for graphs in (False, True):
+        cache = cache_for(model)
+        torch.manual_seed(5)
+        with decode_graphs(model) if graphs else contextlib.nullcontext():
+            results.append(model.generate(**batch, past_key_values=cache, max_new_tokens=15, **kwargs))
+        cache.store.check_invariants()
+    assert torch.equal(*results)
+    assert cache.decode_graphs
 
 
 def test_sliding_window_model_matches_eager() -> None:
