@@ -147,6 +147,24 @@ def test_caches_the_static_step_cannot_serve_run_eagerly() -> None:
     assert not cache.decode_graphs
 
 
+def test_non_finite_states_are_refused_when_their_block_seals() -> None:
+    """A graph cannot check each step's states on the host: NaN keys are caught by the seal that would quantize
+    them, before the block is written."""
+    model = build()
+    cache = cache_for(model, use_quantization=True, quantization_bits=4, residual_tokens=4)
+    batch = prompt(1, 6)
+    with torch.no_grad(), decode_graphs(model):
+        out = model(**batch, past_key_values=cache)
+        model.model.layers[1].self_attn.k_proj.weight.fill_(float("nan"))
+        token = out.logits[:, -1:].argmax(-1)
+        with pytest.raises(CacheValidationError, match="NaN"):
+            for _ in range(12):  # a block of 4 seals within 4 + 4 steps
+                model(input_ids=token, past_key_values=cache, use_cache=True)
+    assert cache.decode_graphs
+    sealed = [cache.store.num_sealed(cache.seq_ids[0], layer) for layer in range(3)]  # type: ignore[index]
+    assert sealed[1] <= 4  # nothing poisoned was sealed (the prompt's first block may have been)
+
+
 def test_pool_exhausted_in_a_step_raises_memory_error() -> None:
     model = build()
     cache = cache_for(model, max_tokens=16)
