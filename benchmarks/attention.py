@@ -11,6 +11,7 @@ mass) on mixed odd lengths and at B=8, T=16k.
 
     PYTHONPATH=. python benchmarks/attention.py            # full table
     PYTHONPATH=. python benchmarks/attention.py --sweep    # also launch-parameter variants at B=8, T=16k
+    PYTHONPATH=. python benchmarks/attention.py --sweep-only 32 16384   # only bf16 variants at B=32, T=16k
     PYTHONPATH=. python benchmarks/attention.py --profile  # one launch per format, for ncu
 """
 
@@ -225,11 +226,11 @@ def _row(batch: int, seq_len: int, name: str, us: tuple, nbytes: int, copy_bw: f
     )
 
 
-def sweep(device: str) -> list[str]:
-    """Launch-parameter variants at B=8, T=16k (errors, e.g. a compiler crash, are reported and skipped)."""
-    rows = ["variants at B=8, T=16384 (graph-replay us): the default first, then launch-parameter changes"]
-    batch, seq_len = 8, 16384
-    for fmt in FORMATS:
+def sweep(device: str, batch: int = 8, seq_len: int = 16384, formats: tuple[str, ...] = FORMATS) -> list[str]:
+    """Launch-parameter variants at one shape (errors, e.g. a compiler crash, are reported and skipped)."""
+    sdpa = time_sdpa(batch, seq_len, device)[1]
+    rows = [f"variants at B={batch}, T={seq_len} (graph-replay us; SDPA {sdpa:.1f}): the default first, then changes"]
+    for fmt in formats:
         kv = make_kv(fmt, [seq_len] * batch, device)
         query = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device=device, dtype=torch.bfloat16)
         base = triton_attention.choose_config(query, kv)
@@ -248,7 +249,9 @@ def sweep(device: str) -> list[str]:
 def _variants(fmt: str, base: triton_attention.KernelConfig) -> list[tuple[dict, int]]:
     """(config changes, quantized block size) to try."""
     if fmt not in BITS:
-        changes = [{}, {"num_stages": 3}, {"tail_splits": base.tail_splits * 2}, {"tile_n": 128}]
+        changes: list[dict] = [{}, {"num_stages": 3}, {"num_stages": 4}, {"tile_n": 128}, {"tile_n": 32}]
+        changes += [{"tail_splits": splits} for splits in (1, 2, 4, 6, 8) if splits != base.tail_splits]
+        changes += [{"num_warps": 8}, {"num_warps": 8, "tile_n": 128}, {"num_warps": 2}]
         return [(change, QBLOCK) for change in changes]
     changes = [{}, {"num_stages": 3}, {"quant_splits": base.quant_splits * 2}]
     changes += [{"quant_splits": max(1, base.quant_splits * 2 // 3)}, {"tile_n": 32}]
@@ -272,6 +275,7 @@ def profile(device: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep-only", nargs=2, type=int, metavar=("B", "T"), help="only the bf16 sweep at B, T")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     device = "cuda"
@@ -279,6 +283,9 @@ def main() -> int:
         profile(device)
         return 0
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    if args.sweep_only:
+        print("\n".join(sweep(device, *args.sweep_only, formats=("bf16",))))
+        return 0
     ok = check_correctness(device)
     copy_bw = copy_bandwidth(device)
     rows = run_table(device, copy_bw)

@@ -314,7 +314,9 @@ def choose_config(query: torch.Tensor, kv: PagedKV) -> KernelConfig:
     num_warps = 1 if small else 8 if block_m >= 64 or fp32 else 4
     per_sm = SMALL_PROGRAMS_PER_SM if small else PROGRAMS_PER_SM
     query_tiles = math.ceil(q_len / (block_m // group_pad))
-    wanted = math.ceil(per_sm * _multiprocessors(query.device) / (batch * kv.kv_heads * query_tiles))
+    # One wave: as many splits as fill the GPU without a partial second wave (measured on the H100, bf16 at B=32:
+    # 2 splits 0.97x SDPA where the rounded-up 3 gave 0.87x; attention_notes.md, run 6).
+    wanted = max(1, per_sm * _multiprocessors(query.device) // (batch * kv.kv_heads * query_tiles))
     tile_n = SMALL_TILE_TOKENS if small else 64 if kv.block_table.shape[1] * kv.block_size > 64 and not fp32 else 32
     tail_tiles = math.ceil(kv.block_table.shape[1] * kv.block_size / tile_n)
     tail_splits = max(1, min(wanted, math.ceil(tail_tiles / MIN_TILES_PER_SPLIT)))
