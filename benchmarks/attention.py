@@ -11,7 +11,7 @@ mass) on mixed odd lengths and at B=8, T=16k.
 
     PYTHONPATH=. python benchmarks/attention.py            # full table
     PYTHONPATH=. python benchmarks/attention.py --sweep    # also launch-parameter variants at B=8, T=16k
-    PYTHONPATH=. python benchmarks/attention.py --sweep-only 32 16384   # only bf16 variants at B=32, T=16k
+    PYTHONPATH=. python benchmarks/attention.py --sweep-only 32 16384 [--formats int4 int2]  # variants only
     PYTHONPATH=. python benchmarks/attention.py --profile  # one launch per format, for ncu
 """
 
@@ -254,7 +254,8 @@ def _variants(fmt: str, base: triton_attention.KernelConfig) -> list[tuple[dict,
         changes += [{"num_warps": 8}, {"num_warps": 8, "tile_n": 128}, {"num_warps": 2}]
         return [(change, QBLOCK) for change in changes]
     changes = [{}, {"num_stages": 3}, {"quant_splits": base.quant_splits * 2}]
-    changes += [{"quant_splits": max(1, base.quant_splits * 2 // 3)}, {"tile_n": 32}]
+    changes += [{"quant_splits": max(1, base.quant_splits * 2 // 3)}, {"tile_n": 32}, {"tile_n": 64}]
+    changes += [{"tile_n": 32, "num_stages": 3}, {"tile_n": 32, "quant_splits": max(1, base.quant_splits // 2)}]
     variants = [(change, QBLOCK) for change in changes]
     return [*variants, ({}, 128)] if fmt == "int4" else variants
 
@@ -275,7 +276,8 @@ def profile(device: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--sweep-only", nargs=2, type=int, metavar=("B", "T"), help="only the bf16 sweep at B, T")
+    parser.add_argument("--sweep-only", nargs=2, type=int, metavar=("B", "T"), help="only the sweep, at B, T")
+    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=["bf16"], help="formats --sweep-only tries")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     device = "cuda"
@@ -284,7 +286,7 @@ def main() -> int:
         return 0
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     if args.sweep_only:
-        print("\n".join(sweep(device, *args.sweep_only, formats=("bf16",))))
+        print("\n".join(sweep(device, *args.sweep_only, formats=tuple(args.formats))))
         return 0
     ok = check_correctness(device)
     copy_bw = copy_bandwidth(device)
