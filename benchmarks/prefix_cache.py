@@ -59,7 +59,7 @@ def describe(model: torch.nn.Module) -> str:
     return (
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, {config.num_hidden_layers} layers, GQA "
         f"{config.num_attention_heads}/{config.num_key_value_heads}, head_dim {config.head_dim}, "
-        f"{str(parameter.dtype).removeprefix('torch.')}; block_size 16"
+        f"{str(parameter.dtype).removeprefix('torch.')}; blocks: {BLOCKS}"
     )
 
 
@@ -71,10 +71,11 @@ def window(index: int, length: int) -> list[int]:
 
 GRAPHS = {"auto": None, "on": True, "off": False}
 DECODE_GRAPHS: list[bool | None] = [None]  # EngineConfig.decode_graphs of every engine built here (--graphs)
+BLOCKS: dict[str, Any] = {"block_size": 16}  # the block format of every engine built here (--int4 changes it)
 
 
 def make_engine(model: torch.nn.Module, num_blocks: int, max_tokens: int = 4096, **engine: Any) -> KVCacheEngine:
-    config = KVCacheConfig(num_blocks=num_blocks, block_size=16, max_tokens=max_tokens)
+    config = KVCacheConfig(num_blocks=num_blocks, max_tokens=max_tokens, **BLOCKS)
     settings = {"prefill_chunk_size": 2048, "max_num_seqs": 16, "decode_graphs": DECODE_GRAPHS[0], **engine}
     return KVCacheEngine(model, config, EngineConfig(**settings))  # type: ignore[arg-type]
 
@@ -129,7 +130,9 @@ def ttft_ladder(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, f
                 times[name].append(value)
         cache.clear()
     promoted = cache.counters["promoted_blocks"]
-    if promoted < args.repeats * (args.prefix // 16):
+    store = engine.store  # quantized: the prefix cache holds the sealed blocks, all but the bf16 window
+    exact = store.config.residual_tokens if store.quantized_pool is not None else 0
+    if promoted < args.repeats * ((args.prefix - exact) // store.block_size):
         raise RuntimeError(f"only {promoted} blocks were promoted: the CPU-tier hits did not all hit")
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -243,9 +246,13 @@ def main() -> None:
     parser.add_argument("--throughput-repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--graphs", choices=list(GRAPHS), default="auto", help="EngineConfig.decode_graphs")
+    parser.add_argument("--int4", action="store_true", help="INT4 blocks (64 tokens, 128-token bf16 window)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     DECODE_GRAPHS[0] = GRAPHS[args.graphs]
+    if args.int4:
+        BLOCKS.clear()
+        BLOCKS.update(use_quantization=True, quantization_bits=4)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model = build_model(args.model, args.device)

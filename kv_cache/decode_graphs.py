@@ -86,8 +86,8 @@ class StaticStep:
         config, size = store.config, store.block_size
         self.store, self.batch, self.tokens, self.device = store, batch, tokens, pool.device
         self.quantized = store.quantized_pool is not None
-        if self.quantized:  # the tail holds < residual_tokens + block_size tokens, from a block boundary
-            self.dense_width = config.residual_tokens // size + 2
+        if self.quantized:  # the tail: < residual_tokens + block_size tokens from a block boundary, + padding
+            self.dense_width = (config.residual_tokens + tokens - 1) // size + 2
             self.sealed_width = blocks_needed(config.max_tokens, size)
         else:
             self.dense_width, self.sealed_width = blocks_needed(config.max_tokens, size), 0
@@ -197,17 +197,14 @@ class StepGraph:
 
     forward: the model's call (`input_ids`, `position_ids`, `past_key_values`, `logits_to_keep`, ...);
     options: `logits_to_keep` (0 or 1, for one token; with more tokens the logits of each row's last real token
-    are kept) and `cache_position` (whether `forward` takes one). Steps with fewer tokens than `tokens` need a
-    full-precision store (the padding is written past the end and cut off after the step; with quantization the
-    padded length would seal earlier than the eager path).
+    are kept) and `cache_position` (whether `forward` takes one). A step of fewer tokens than `tokens` is padded:
+    the padding is written past the sequence's end and cut off after the step; sealing follows the real tokens.
     """
 
     def __init__(
         self, forward: Callable[..., Any], cache: KVCache, batch: int, options: dict[str, Any], tokens: int = 1
     ) -> None:
         assert cache.store.pool is not None
-        if tokens > 1 and cache.store.quantized_pool is not None:
-            raise CacheValidationError("step graphs of several tokens need a full-precision store")
         self.forward, self.cache, self.options = forward, cache, options
         self.static = StaticStep(cache.store, batch, tokens)
         self.capture = _capturable(self.static)
@@ -227,7 +224,7 @@ class StepGraph:
                 f"input_ids {list(input_ids.shape)} must be [rows, n] for the cache's {len(seq_ids)} rows, with rows "
                 f"<= {static.batch} and n <= {static.tokens}"
             )
-        step = cache.store.reserve(seq_ids, static.tokens)
+        step = cache.store.reserve(seq_ids, static.tokens, real=new)
         static.load(step, seq_ids, input_ids)
         if self.graph is not None:
             self.graph.replay()

@@ -377,15 +377,18 @@ class KVStore:
             if self._mass is not None:  # a new token has received no attention yet
                 self._mass.grow(seq_ids, layer, count)
 
-    def _append_planned(self, tables: list[BlockTable], layer: int, rows: TokenRows | None, count: int) -> None:
+    def _append_planned(
+        self, tables: list[BlockTable], layer: int, rows: TokenRows | None, count: int, sealing: int | None = None
+    ) -> None:
         """Write `count` new tokens per table, `rows` (`[batch * count, kv_heads, head_dim]`, storage dtype), of
         `layer` after planning where they go: allocate blocks, copy shared ones, seal what leaves the residual
-        window. `rows=None` plans and seals only (`reserve`: the caller writes the tokens; nothing sealed may
-        include them). Lengths are the caller's. Quantizing reads the blocks as they are; the block changes and
+        window (as after `sealing` tokens, if given: `reserve`'s padding does not count). `rows=None` plans and
+        seals only (`reserve`: the caller writes the tokens; nothing sealed may include them). Lengths are the
+        caller's. Quantizing reads the blocks as they are; the block changes and
         the index tensors built on them are undone if one fails; the pools are written last (module docstring)."""
         pool, sealer = self.pool, self.sealer
         assert pool is not None
-        plans = [self._plan(table, layer, count) for table in tables]
+        plans = [self._plan(table, layer, count, sealing) for table in tables]
         seals = sealer.plan(tables, plans, layer) if sealer else []
         self._check_capacity(tables, plans, seals)
         encoded = sealer.encode(seals, rows) if seals and sealer else []
@@ -421,7 +424,7 @@ class KVStore:
                 raise
 
     @_memory_errors
-    def reserve(self, seq_ids: Sequence[int], count: int = 1) -> ReservedStep:
+    def reserve(self, seq_ids: Sequence[int], count: int = 1, real: int | None = None) -> ReservedStep:
         """Make room for `count` new tokens per sequence in every layer, without writing them.
 
         Everything `append` does but the copy: blocks are allocated (copied first where shared), what leaves the
@@ -431,8 +434,12 @@ class KVStore:
         step captured in a CUDA graph stores its tokens (`kv_cache.decode_graphs`): the host plans, the graph
         writes.
 
+        `real` < `count`: only the first `real` tokens of each sequence are real, the rest padding (a step graph
+        of a fixed width): sealing is what appending `real` tokens would seal, and the caller cuts the padding off
+        afterwards with `truncate(seq_id, positions[i] + real)`.
+
         Needs every layer of each sequence at the same length (as between model steps), no attention-mass
-        tracking, and a residual window of at least `count` tokens (sealing must not need the unwritten tokens).
+        tracking, and a residual window of at least `real` tokens (sealing must not need the unwritten tokens).
         Raises `CacheMemoryError` with nothing changed when the pools cannot hold the tokens.
         """
         with self._lock:
@@ -440,6 +447,9 @@ class KVStore:
                 raise CacheValidationError("reserve follows a first append (the pools are allocated by it)")
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise CacheValidationError(f"count={count!r} must be an int >= 1")
+            real = count if real is None else real
+            if isinstance(real, bool) or not isinstance(real, int) or not 1 <= real <= count:
+                raise CacheValidationError(f"real={real!r} must be an int in [1, count={count}]")
             if len(set(seq_ids)) != len(seq_ids) or not seq_ids:
                 raise CacheValidationError(f"seq_ids={list(seq_ids)} must name distinct sequences, at least one")
             tables = [self._table(s) for s in seq_ids]
@@ -447,16 +457,16 @@ class KVStore:
                 raise CacheValidationError("reserve needs every layer of a sequence at the same length and sealing")
             if self._mass is not None:
                 raise CacheValidationError("reserve does not track attention mass (token eviction by LFU/ADAPTIVE)")
-            if self.sealer is not None and self.config.residual_tokens < count:
+            if self.sealer is not None and self.config.residual_tokens < real:
                 raise CacheValidationError(
-                    f"reserve of {count} tokens needs residual_tokens >= {count} (got {self.config.residual_tokens})"
+                    f"reserve of {real} tokens needs residual_tokens >= {real} (got {self.config.residual_tokens})"
                 )
-            slots = self._in_place_slots(tables, 0, count)
+            slots = self._in_place_slots(tables, 0, count, real)
             if slots is None:  # a block boundary or a seal: plan layer 0; it seals the other layers alike
                 for layer in range(self.num_layers):
-                    if self._in_place_slots(tables, layer, count) is None:
-                        self._append_planned(tables, layer, None, count)
-                slots = self._in_place_slots(tables, 0, count)
+                    if self._in_place_slots(tables, layer, count, real) is None:
+                        self._append_planned(tables, layer, None, count, real)
+                slots = self._in_place_slots(tables, 0, count, real)
                 assert slots is not None
             for table in tables:
                 table.layer_lengths[:] = [length + count for length in table.layer_lengths]
@@ -464,10 +474,13 @@ class KVStore:
             rows = view_rows(tables, 0, self.block_size, self.quantized_pool is not None)
             return ReservedStep(slots, positions, rows, self._version)
 
-    def _in_place_slots(self, tables: list[BlockTable], layer: int, count: int) -> tuple[int, ...] | None:
+    def _in_place_slots(
+        self, tables: list[BlockTable], layer: int, count: int, sealing: int | None = None
+    ) -> tuple[int, ...] | None:
         """Every new token's slot (table by table, `count` each) when the new tokens of `layer` all go into
         full-precision blocks the table already holds alone and nothing is sealed (in a decode step or a prefill
-        chunk, every layer after the one that allocated the blocks); else None, and `append` plans the write."""
+        chunk, every layer after the one that allocated the blocks); else None, and `append` plans the write.
+        `sealing`: the tokens that count for sealing (`reserve`'s real ones), `count` by default."""
         pool, sealer, size, max_tokens = self.pool, self.sealer, self.block_size, self.config.max_tokens
         assert pool is not None
         slots: list[int] = []
@@ -475,7 +488,7 @@ class KVStore:
             start = table.layer_lengths[layer]
             end = start + count
             if end > max_tokens or (
-                sealer is not None and sealer.target(table, layer, count) > table.layer_sealed[layer]
+                sealer is not None and sealer.target(table, layer, sealing or count) > table.layer_sealed[layer]
             ):
                 return None
             for logical in range(start // size, (end - 1) // size + 1):
@@ -675,9 +688,10 @@ class KVStore:
             raise CacheValidationError(f"layer={layer!r} is out of range; this cache has {self.num_layers} layers")
         return layer
 
-    def _plan(self, table: BlockTable, layer: int, count: int) -> WritePlan:
-        """Where `count` new tokens of `layer` go, sealing every whole block older than the residual window."""
-        seal_to = self.sealer.target(table, layer, count) if self.sealer else 0
+    def _plan(self, table: BlockTable, layer: int, count: int, sealing: int | None = None) -> WritePlan:
+        """Where `count` new tokens of `layer` go, sealing every whole block older than the residual window (after
+        `sealing` new tokens if given)."""
+        seal_to = self.sealer.target(table, layer, sealing or count) if self.sealer else 0
         return plan_append(table, layer, count, self.block_size, seal_to)
 
     def _needs(self, tables: list[BlockTable], plans: list[WritePlan], seals: list[SealBatch]) -> tuple[int, int, int]:

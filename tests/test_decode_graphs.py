@@ -214,6 +214,35 @@ def test_reserve_then_write_equals_append(overrides: dict) -> None:
         reserved.check_invariants()
 
 
+@pytest.mark.parametrize("overrides", [{}, {"use_quantization": True, "quantization_bits": 4, "residual_tokens": 4}])
+def test_padded_reserve_then_truncate_equals_append(overrides: dict) -> None:
+    """A step of 6 slots holding 3 real tokens: sealing follows the 3, the padding is cut off after."""
+    gen = torch.Generator().manual_seed(2)
+    appended, seq_a = store_with(**overrides)
+    reserved, seq_b = store_with(**overrides)
+    first = torch.randn(3, 2, 5, 16, generator=gen)
+    for store, seq_ids in ((appended, seq_a), (reserved, seq_b)):
+        for layer in range(2):
+            store.append(seq_ids, layer, first, -first)
+    for _ in range(4):
+        new = torch.randn(3, 2, 3, 16, generator=gen)
+        for layer in range(2):
+            appended.append(seq_a, layer, new, -new)
+        step = reserved.reserve(seq_b, 6, real=3)
+        padded = torch.cat([new, torch.full((3, 2, 3, 16), 7.0)], dim=2)  # the padding's values never survive
+        rows = padded.transpose(1, 2).reshape(18, 2, 16)
+        assert reserved.pool is not None
+        for layer in range(2):
+            reserved.pool.dense(layer).write(torch.tensor(step.slots), rows, -rows)
+        for seq_id, first_position in zip(seq_b, step.positions, strict=True):
+            reserved.truncate(seq_id, first_position + 3)
+        for layer in range(2):
+            for a, b in zip(appended.read(seq_a, layer), reserved.read(seq_b, layer), strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert [reserved.num_sealed(s, 0) for s in seq_b] == [appended.num_sealed(s, 0) for s in seq_a]
+        reserved.check_invariants()
+
+
 def test_reserve_refuses_layers_at_different_lengths() -> None:
     store, seq_ids = store_with()
     store.append(seq_ids, 0, torch.randn(3, 2, 5, 16), torch.randn(3, 2, 5, 16))

@@ -112,7 +112,8 @@ def test_swap_restores_a_quantized_store_bit_for_bit(model: PreTrainedModel) -> 
     outputs, engine = run(16, preemption_mode="swap", cpu_tier_blocks=64)
     assert outputs == expected
     graphed, graph_engine = run(16, preemption_mode="swap", cpu_tier_blocks=64, decode_graphs=True)
-    assert graphed == expected and graph_engine._cache.decode_graphs
+    assert graphed == expected
+    assert {tokens for _, tokens in graph_engine._cache.decode_graphs} >= {1, 16, 32}  # prefill chunks <= the window
     assert engine.get_stats()["preempted_swap"] > 0 and engine.store.quantized_pool is not None
 
 

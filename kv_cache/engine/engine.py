@@ -23,6 +23,7 @@ the engine's lock; `get_stats` never waits for a step (it returns the last step'
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import threading
@@ -92,6 +93,7 @@ class KVCacheEngine:
         self._cache = KVCache(model_config=model.config, store=self.store)
         graphs = engine_config.decode_graphs
         self._graphs = self.device.type == "cuda" if graphs is None else graphs
+        self._takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
         self.tier = make_tier(self.store, engine_config)
         self.prefix_cache = make_prefix_cache(model, config, engine_config, self.store, self.tier)
         self.remote = make_remote(engine_config, self.prefix_cache)
@@ -319,18 +321,19 @@ class KVCacheEngine:
 
     def _step_graph(self, rows: int, tokens: int) -> StepGraph | None:
         """The step graph for `rows` sequences of `tokens` new tokens each, padded to the next power of two (rows
-        up to `max_num_seqs`; tokens from 16 up to `PREFILL_GRAPH_TOKENS`, full-precision stores only); made on
-        first use and kept on the cache. None: the step runs eagerly (graphs off, a longer chunk, or a quantized
-        prefill)."""
+        up to `max_num_seqs`; tokens from 16 up to `PREFILL_GRAPH_TOKENS`, and up to `residual_tokens` when
+        quantized: sealing must not need the step's tokens); made on first use and kept on the cache. None: the
+        step runs eagerly (graphs off, or a longer chunk)."""
+        quantized = self.store.quantized_pool is not None
         if not self._graphs or (
-            tokens > 1 and (tokens > PREFILL_GRAPH_TOKENS or self.store.quantized_pool is not None)
+            tokens > 1 and (tokens > PREFILL_GRAPH_TOKENS or (quantized and tokens > self.config.residual_tokens))
         ):
             return None
         batch = padded_size(rows, self.engine_config.max_num_seqs)
         width = 1 if tokens == 1 else padded_size(max(tokens, 16), PREFILL_GRAPH_TOKENS)
         runner = self._cache.decode_graphs.get((batch, width))
         if runner is None:
-            options = {"logits_to_keep": 1, "cache_position": False}
+            options = {"logits_to_keep": 1, "cache_position": self._takes_cache_position}
             runner = StepGraph(self.model, self._cache, batch, options, width)
             self._cache.decode_graphs[(batch, width)] = runner
         return runner
