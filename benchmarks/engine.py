@@ -102,11 +102,13 @@ def hf_static_batches(model: Any, requests: list[Request], group: int) -> list[l
 
 
 def engine_run(
-    model: Any, requests: list[Request], max_num_seqs: int, graphs: bool, int4: bool = False
+    model: Any, requests: list[Request], max_num_seqs: int, graphs: bool, int4: bool = False, **options: Any
 ) -> list[list[int]]:
     """The engine over `requests` (a new engine per run: step graphs, if on, are captured inside the run); `int4`:
-    INT4 blocks (64 tokens, a 128-token bf16 window) instead of 16-token bf16 blocks."""
+    INT4 blocks (64 tokens, a 128-token bf16 window) instead of 16-token bf16 blocks; `options`: more
+    `KVCacheConfig` fields."""
     blocks = {"use_quantization": True, "quantization_bits": 4} if int4 else {"block_size": 16}
+    blocks.update(options)
     config = KVCacheConfig(max_tokens=1024, device=model_device(model), **blocks)  # type: ignore[arg-type]
     settings = EngineConfig(max_num_seqs=max_num_seqs, prefill_chunk_size=512, decode_graphs=graphs)
     engine = KVCacheEngine(model, config, settings)

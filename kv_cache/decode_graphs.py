@@ -198,7 +198,10 @@ class StepGraph:
     forward: the model's call (`input_ids`, `position_ids`, `past_key_values`, `logits_to_keep`, ...);
     options: `logits_to_keep` (0 or 1, for one token; with more tokens the logits of each row's last real token
     are kept) and `cache_position` (whether `forward` takes one). A step of fewer tokens than `tokens` is padded:
-    the padding is written past the sequence's end and cut off after the step; sealing follows the real tokens.
+    the padding is written past the sequence's end and cut off after the step; sealing follows the real tokens,
+    before the step for up to `residual_tokens` of them (as `append` seals), after it for more (the chunk is
+    written in full precision first, and attends to itself so: KIVI's prefill; `append` would seal part of it
+    before attention).
     """
 
     def __init__(
@@ -224,7 +227,9 @@ class StepGraph:
                 f"input_ids {list(input_ids.shape)} must be [rows, n] for the cache's {len(seq_ids)} rows, with rows "
                 f"<= {static.batch} and n <= {static.tokens}"
             )
-        step = cache.store.reserve(seq_ids, static.tokens, real=new)
+        # A quantized chunk longer than the window seals after the step (its tokens must be written first).
+        seal_after = static.quantized and new > cache.config.residual_tokens
+        step = cache.store.reserve(seq_ids, static.tokens, real=new, seal_after=seal_after)
         static.load(step, seq_ids, input_ids)
         if self.graph is not None:
             self.graph.replay()
@@ -236,6 +241,8 @@ class StepGraph:
         if new < static.tokens:  # cut the padding off (its blocks go back to the pool)
             for seq_id, first in zip(seq_ids, step.positions, strict=True):
                 cache.store.truncate(seq_id, first + new)
+        if seal_after:
+            cache.store.seal(seq_ids)
         layers = cache.num_layers
         cache.tracker.record_read(sum(step.positions) * layers, rows * new * layers)
         cache.tracker.snapshot(functools.partial(store_gauges, cache.store))

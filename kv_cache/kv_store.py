@@ -115,14 +115,22 @@ class KVStore:
 
     # ----------------------------------------------------------------------------------------------- setup
     def initialize(
-        self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, batch_size: int
+        self,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        batch_size: int,
+        spare_tokens: int = 0,
     ) -> None:
         """Allocate the pools for tokens of `kv_heads` x `head_dim` from a model computing in `dtype`.
 
         Without `num_blocks` or `memory_budget_mb` in the config, the pools hold `batch_size` sequences of
         `max_tokens` tokens, plus one spare block per sequence for copy-on-write. With quantization the
         full-precision tail pool holds `batch_size` windows of `residual_tokens` plus three blocks (the block
-        being filled, the one being sealed, and one spare), and the rest of a memory budget goes to sealed blocks.
+        being filled, the one being sealed, and one spare), plus `spare_tokens` (room for a chunk written in full
+        precision and sealed after the step: `reserve(..., seal_after=True)`), and the rest of a memory budget goes
+        to sealed blocks.
         """
         with self._lock:
             if self.pool is not None:
@@ -135,6 +143,7 @@ class KVStore:
                 pool = BlockPool(dense, num_blocks, device, capacity_hint=hint)
             else:
                 tail_blocks = batch_size * (config.residual_tokens // self.block_size + 3)
+                tail_blocks += blocks_needed(spare_tokens, self.block_size)
                 tail_hint = "the batch size of the first call (the tail pool is sized from it) or residual_tokens"
                 pool = BlockPool(dense, tail_blocks, device, capacity_hint=tail_hint)
                 sealed = BlockFormat(
@@ -424,7 +433,9 @@ class KVStore:
                 raise
 
     @_memory_errors
-    def reserve(self, seq_ids: Sequence[int], count: int = 1, real: int | None = None) -> ReservedStep:
+    def reserve(
+        self, seq_ids: Sequence[int], count: int = 1, real: int | None = None, seal_after: bool = False
+    ) -> ReservedStep:
         """Make room for `count` new tokens per sequence in every layer, without writing them.
 
         Everything `append` does but the copy: blocks are allocated (copied first where shared), what leaves the
@@ -438,8 +449,14 @@ class KVStore:
         of a fixed width): sealing is what appending `real` tokens would seal, and the caller cuts the padding off
         afterwards with `truncate(seq_id, positions[i] + real)`.
 
+        `seal_after=True`: nothing is sealed now, whatever the window; every new token gets a full-precision slot,
+        and the caller calls `seal(seq_ids)` once the tokens are written (and the padding cut off). A chunk longer
+        than the window then attends to its own tokens in full precision (KIVI's prefill) where `append` would
+        have sealed part of it first.
+
         Needs every layer of each sequence at the same length (as between model steps), no attention-mass
-        tracking, and a residual window of at least `real` tokens (sealing must not need the unwritten tokens).
+        tracking, and a residual window of at least `real` tokens unless `seal_after` (sealing must not need the
+        unwritten tokens).
         Raises `CacheMemoryError` with nothing changed when the pools cannot hold the tokens.
         """
         with self._lock:
@@ -457,22 +474,35 @@ class KVStore:
                 raise CacheValidationError("reserve needs every layer of a sequence at the same length and sealing")
             if self._mass is not None:
                 raise CacheValidationError("reserve does not track attention mass (token eviction by LFU/ADAPTIVE)")
-            if self.sealer is not None and self.config.residual_tokens < real:
+            sealing = 0 if seal_after else real
+            if self.sealer is not None and not seal_after and self.config.residual_tokens < real:
                 raise CacheValidationError(
                     f"reserve of {real} tokens needs residual_tokens >= {real} (got {self.config.residual_tokens})"
                 )
-            slots = self._in_place_slots(tables, 0, count, real)
+            slots = self._in_place_slots(tables, 0, count, sealing)
             if slots is None:  # a block boundary or a seal: plan layer 0; it seals the other layers alike
                 for layer in range(self.num_layers):
-                    if self._in_place_slots(tables, layer, count, real) is None:
-                        self._append_planned(tables, layer, None, count, real)
-                slots = self._in_place_slots(tables, 0, count, real)
+                    if self._in_place_slots(tables, layer, count, sealing) is None:
+                        self._append_planned(tables, layer, None, count, sealing)
+                slots = self._in_place_slots(tables, 0, count, sealing)
                 assert slots is not None
             for table in tables:
                 table.layer_lengths[:] = [length + count for length in table.layer_lengths]
             positions = [t.layer_lengths[0] + t.layer_evicted[0] - count for t in tables]
             rows = view_rows(tables, 0, self.block_size, self.quantized_pool is not None)
             return ReservedStep(slots, positions, rows, self._version)
+
+    @_memory_errors
+    def seal(self, seq_ids: Sequence[int]) -> None:
+        """Seal every whole block older than the residual window in every layer of the sequences (after a
+        `reserve(..., seal_after=True)` step has written its tokens); nothing to do without quantization."""
+        with self._lock:
+            if self.sealer is None:
+                return
+            tables = [self._table(s) for s in seq_ids]
+            for layer in range(self.num_layers):
+                if any(self.sealer.target(t, layer, 0) > t.layer_sealed[layer] for t in tables):
+                    self._append_planned(tables, layer, None, 0)
 
     def _in_place_slots(
         self, tables: list[BlockTable], layer: int, count: int, sealing: int | None = None
@@ -488,7 +518,8 @@ class KVStore:
             start = table.layer_lengths[layer]
             end = start + count
             if end > max_tokens or (
-                sealer is not None and sealer.target(table, layer, sealing or count) > table.layer_sealed[layer]
+                sealer is not None
+                and sealer.target(table, layer, count if sealing is None else sealing) > table.layer_sealed[layer]
             ):
                 return None
             for logical in range(start // size, (end - 1) // size + 1):
@@ -691,7 +722,7 @@ class KVStore:
     def _plan(self, table: BlockTable, layer: int, count: int, sealing: int | None = None) -> WritePlan:
         """Where `count` new tokens of `layer` go, sealing every whole block older than the residual window (after
         `sealing` new tokens if given)."""
-        seal_to = self.sealer.target(table, layer, sealing or count) if self.sealer else 0
+        seal_to = self.sealer.target(table, layer, count if sealing is None else sealing) if self.sealer else 0
         return plan_append(table, layer, count, self.block_size, seal_to)
 
     def _needs(self, tables: list[BlockTable], plans: list[WritePlan], seals: list[SealBatch]) -> tuple[int, int, int]:

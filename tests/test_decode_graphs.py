@@ -183,6 +183,7 @@ def test_rejects_what_is_not_a_module() -> None:
 def store_with(**overrides: object) -> tuple[KVStore, list[int]]:
     config = KVCacheConfig(**{"block_size": 4, "max_tokens": 40, "device": "cpu", **overrides})  # type: ignore[arg-type]
     store = KVStore(config, num_layers=2)
+    store.initialize(2, 16, torch.float32, torch.device("cpu"), 3, spare_tokens=8)  # room for a chunk sealed after
     seq_ids = [store.add_sequence() for _ in range(3)]
     return store, seq_ids
 
@@ -214,9 +215,15 @@ def test_reserve_then_write_equals_append(overrides: dict) -> None:
         reserved.check_invariants()
 
 
-@pytest.mark.parametrize("overrides", [{}, {"use_quantization": True, "quantization_bits": 4, "residual_tokens": 4}])
-def test_padded_reserve_then_truncate_equals_append(overrides: dict) -> None:
-    """A step of 6 slots holding 3 real tokens: sealing follows the 3, the padding is cut off after."""
+QUANTIZED = {"use_quantization": True, "quantization_bits": 4, "residual_tokens": 4}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "real", "seal_after"), [({}, 3, False), (QUANTIZED, 3, False), (QUANTIZED, 5, True)]
+)
+def test_padded_reserve_then_truncate_equals_append(overrides: dict, real: int, seal_after: bool) -> None:
+    """A step of 6 slots holding `real` tokens: sealing follows them (before the step, or after it for a chunk
+    longer than the window), the padding is cut off after; the store then holds what `append` would."""
     gen = torch.Generator().manual_seed(2)
     appended, seq_a = store_with(**overrides)
     reserved, seq_b = store_with(**overrides)
@@ -225,17 +232,19 @@ def test_padded_reserve_then_truncate_equals_append(overrides: dict) -> None:
         for layer in range(2):
             store.append(seq_ids, layer, first, -first)
     for _ in range(4):
-        new = torch.randn(3, 2, 3, 16, generator=gen)
+        new = torch.randn(3, 2, real, 16, generator=gen)
         for layer in range(2):
             appended.append(seq_a, layer, new, -new)
-        step = reserved.reserve(seq_b, 6, real=3)
-        padded = torch.cat([new, torch.full((3, 2, 3, 16), 7.0)], dim=2)  # the padding's values never survive
+        step = reserved.reserve(seq_b, 6, real=real, seal_after=seal_after)
+        padded = torch.cat([new, torch.full((3, 2, 6 - real, 16), 7.0)], dim=2)  # the padding never survives
         rows = padded.transpose(1, 2).reshape(18, 2, 16)
         assert reserved.pool is not None
         for layer in range(2):
             reserved.pool.dense(layer).write(torch.tensor(step.slots), rows, -rows)
         for seq_id, first_position in zip(seq_b, step.positions, strict=True):
-            reserved.truncate(seq_id, first_position + 3)
+            reserved.truncate(seq_id, first_position + real)
+        if seal_after:
+            reserved.seal(seq_b)
         for layer in range(2):
             for a, b in zip(appended.read(seq_a, layer), reserved.read(seq_b, layer), strict=True):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -16,14 +16,17 @@ from kv_cache.tiers.cpu import CpuTier, host_blocks_per_format
 from kv_cache.tiers.remote import RemoteLink
 
 
-def initialized_store(model: PreTrainedModel, config: KVCacheConfig, max_num_seqs: int) -> KVStore:
-    """A store for the model's decoder layers, its pools allocated now (sized for `max_num_seqs` by default)."""
+def initialized_store(
+    model: PreTrainedModel, config: KVCacheConfig, max_num_seqs: int, spare_tokens: int = 0
+) -> KVStore:
+    """A store for the model's decoder layers, its pools allocated now (sized for `max_num_seqs` by default; a
+    quantized store's tail pool with room for `spare_tokens` more, see `KVStore.initialize`)."""
     text = model.config.get_text_config(decoder=True)
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     parameter = next(model.parameters())
     store = KVStore(config, len(attention_layer_types(model.config)))
-    store.initialize(kv_heads, head_dim, parameter.dtype, parameter.device, max_num_seqs)
+    store.initialize(kv_heads, head_dim, parameter.dtype, parameter.device, max_num_seqs, spare_tokens)
     return store
 
 

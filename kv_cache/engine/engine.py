@@ -89,10 +89,12 @@ class KVCacheEngine:
                 "which would fit its own basis; unset it, or use KVCache with model.generate"
             )
         model.set_attn_implementation(register_attention())
-        self.store = initialized_store(model, config, engine_config.max_num_seqs)
-        self._cache = KVCache(model_config=model.config, store=self.store)
         graphs = engine_config.decode_graphs
         self._graphs = self.device.type == "cuda" if graphs is None else graphs
+        # Step graphs seal a long quantized chunk after writing it whole: room for one chunk in the tail pool.
+        spare = PREFILL_GRAPH_TOKENS if self._graphs else 0
+        self.store = initialized_store(model, config, engine_config.max_num_seqs, spare)
+        self._cache = KVCache(model_config=model.config, store=self.store)
         self._takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
         self.tier = make_tier(self.store, engine_config)
         self.prefix_cache = make_prefix_cache(model, config, engine_config, self.store, self.tier)
@@ -321,13 +323,9 @@ class KVCacheEngine:
 
     def _step_graph(self, rows: int, tokens: int) -> StepGraph | None:
         """The step graph for `rows` sequences of `tokens` new tokens each, padded to the next power of two (rows
-        up to `max_num_seqs`; tokens from 16 up to `PREFILL_GRAPH_TOKENS`, and up to `residual_tokens` when
-        quantized: sealing must not need the step's tokens); made on first use and kept on the cache. None: the
-        step runs eagerly (graphs off, or a longer chunk)."""
-        quantized = self.store.quantized_pool is not None
-        if not self._graphs or (
-            tokens > 1 and (tokens > PREFILL_GRAPH_TOKENS or (quantized and tokens > self.config.residual_tokens))
-        ):
+        up to `max_num_seqs`; tokens from 16 up to `PREFILL_GRAPH_TOKENS`); made on first use and kept on the
+        cache. None: the step runs eagerly (graphs off, or a longer chunk)."""
+        if not self._graphs or tokens > PREFILL_GRAPH_TOKENS:
             return None
         batch = padded_size(rows, self.engine_config.max_num_seqs)
         width = 1 if tokens == 1 else padded_size(max(tokens, 16), PREFILL_GRAPH_TOKENS)
