@@ -78,13 +78,15 @@ class QuantizedBlocks:
     def head_dim(self) -> int:
         return int(self.key_scale.shape[-1])
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, check: bool = True) -> tuple[torch.Tensor, ...]:
         """Quantize whole blocks (KIVI: keys per channel over the block, values per token over channel groups).
 
         keys, values: `[n, block_size, kv_heads, head_dim]` float. Returns the six tensors `store` takes, in the
-        order of `tensors()`. Raises `CacheValidationError` on NaN/Inf.
+        order of `tensors()`. Raises `CacheValidationError` on NaN/Inf (`check=False`: the caller checks the
+        scales and zeros, entries 1, 2, 4 and 5, with `quantizer.stats_finite`).
         """
-        return (*quantize_keys(keys, self.bits), *quantize_values(values, self.bits, self.group_size))
+        keys_q = quantize_keys(keys, self.bits, check)
+        return (*keys_q, *quantize_values(values, self.bits, self.group_size, check))
 
     def store(self, block_ids: torch.Tensor, encoded: tuple[torch.Tensor, ...]) -> None:
         """Write `encode`d blocks into `block_ids` (`[n]` int64)."""

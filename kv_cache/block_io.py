@@ -156,14 +156,15 @@ def dense_write(
 
 
 def encode_sealed(
-    dense: DenseBlocks, storage: QuantizedBlocks, seal: SealBatch, rows: TokenRows | None
+    dense: DenseBlocks, storage: QuantizedBlocks, seal: SealBatch, rows: TokenRows | None, check: bool = True
 ) -> tuple[torch.Tensor, ...]:
     """Quantize the blocks a seal's plans seal (tokens `[plan.sealed, plan.seal_to)`).
 
     Tokens before `plan.start` come from the table's full-precision blocks, later ones from the new `rows` (row
     `seal.rows[i]` of the append's batch; None when only stored tokens are sealed). New tokens are rounded to the
     full-precision storage dtype first, so a token is quantized from the same values whichever way it arrived.
-    Returns what `QuantizedBlocks.store` takes; raises `CacheValidationError` on NaN/Inf before anything is written.
+    Returns what `QuantizedBlocks.store` takes; raises `CacheValidationError` on NaN/Inf before anything is written
+    (`check=False`: the caller checks, see `QuantizedBlocks.encode`).
     """
     size = dense.keys.shape[1]
     from_blocks: list[Run] = []  # (slot of a full-precision block, row of the sealed tokens, tokens)
@@ -187,7 +188,7 @@ def encode_sealed(
             if pairs is not None and source is not None:
                 tokens.index_copy_(0, pairs[1], source.index_select(0, pairs[0]).to(slots.dtype).float())
         sealed.append(tokens.view(target // size, size, *slots.shape[1:]))
-    return storage.encode(sealed[0], sealed[1])
+    return storage.encode(sealed[0], sealed[1], check)
 
 
 def _slot_runs(table: BlockTable, positions: tuple[int, int], size: int, target: int) -> list[Run]:

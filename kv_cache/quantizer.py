@@ -122,11 +122,13 @@ def unpack(packed: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
     return _unpack(packed, bits)
 
 
-def quantize_keys(keys: torch.Tensor, bits: int) -> QuantizedTensor:
+def quantize_keys(keys: torch.Tensor, bits: int, check: bool = True) -> QuantizedTensor:
     """Quantize keys per (kv_head, channel) over the tokens of each block.
 
     keys: `[..., tokens, kv_heads, head_dim]` fp32/fp16/bf16. Returns codes `[..., tokens, kv_heads, packed_dim]`
     uint8, scale and zero `[..., kv_heads, head_dim]` fp16. With 0 tokens, scale and zero are all zeros.
+    Raises `CacheValidationError` for NaN/Inf or an fp16 overflow (one device sync); `check=False` leaves that to
+    the caller (`stats_finite` over many results at once).
     """
     _check_input(keys, "keys", bits)
     x = keys.float()
@@ -135,16 +137,17 @@ def quantize_keys(keys: torch.Tensor, bits: int) -> QuantizedTensor:
         return QuantizedTensor(_pack(x.to(torch.uint8), bits), stats, stats.clone())
     low, high = torch.aminmax(x, dim=-3)
     scale, zero = _scale_and_zero(low, high, bits)
-    _check_finite(keys, "keys", scale, zero)
+    if check:
+        _check_finite(keys, "keys", scale, zero)
     codes = _encode(x, scale.unsqueeze(-3), zero.unsqueeze(-3), bits)
     return QuantizedTensor(_pack(codes, bits), scale, zero)
 
 
-def quantize_values(values: torch.Tensor, bits: int, group_size: int = 64) -> QuantizedTensor:
+def quantize_values(values: torch.Tensor, bits: int, group_size: int = 64, check: bool = True) -> QuantizedTensor:
     """Quantize values per token over groups of `group_size` channels (`head_dim` if smaller).
 
     values: `[..., tokens, kv_heads, head_dim]` fp32/fp16/bf16. Returns codes `[..., tokens, kv_heads, packed_dim]`
-    uint8, scale and zero `[..., tokens, kv_heads, head_dim // group]` fp16.
+    uint8, scale and zero `[..., tokens, kv_heads, head_dim // group]` fp16. `check`: as in `quantize_keys`.
     """
     _check_input(values, "values", bits)
     head_dim = values.shape[-1]
@@ -152,7 +155,8 @@ def quantize_values(values: torch.Tensor, bits: int, group_size: int = 64) -> Qu
     x = values.float().unflatten(-1, (head_dim // group, group))
     low, high = torch.aminmax(x, dim=-1)
     scale, zero = _scale_and_zero(low, high, bits)
-    _check_finite(values, "values", scale, zero)
+    if check:
+        _check_finite(values, "values", scale, zero)
     codes = _encode(x, scale.unsqueeze(-1), zero.unsqueeze(-1), bits).flatten(-2)
     return QuantizedTensor(_pack(codes, bits), scale, zero)
 
@@ -303,6 +307,13 @@ def _to_fp16(x: torch.Tensor, direction: float) -> torch.Tensor:
     nearest = x.half()
     overshot = nearest.float() < x if direction > 0 else nearest.float() > x
     return torch.where(overshot, torch.nextafter(nearest, torch.full_like(nearest, direction)), nearest)
+
+
+def stats_finite(stats: list[torch.Tensor]) -> bool:
+    """Whether every scale/zero tensor in `stats` is finite: one device sync however many there are."""
+    if not stats:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in stats]).all())
 
 
 def _check_finite(x: torch.Tensor, name: str, scale: torch.Tensor, zero: torch.Tensor) -> None:

@@ -23,6 +23,7 @@ from kv_cache.block_io import TokenRows, encode_sealed, sealed_block_ids
 from kv_cache.block_pool import BlockPool
 from kv_cache.block_table import BlockTable, SealBatch, WritePlan, plan_append
 from kv_cache.errors import CacheMemoryError, CacheValidationError
+from kv_cache.quantizer import stats_finite
 
 
 class Sealer:
@@ -96,7 +97,11 @@ class Sealer:
         """Quantize every batch in `seals` (the new `rows`, if given, feed the batch that has `rows`): reads blocks,
         changes nothing, so a block that cannot be sealed (NaN/Inf) or a failing allocation raises before anything
         does."""
-        return [self._encode(seal, rows if seal.rows is not None else None) for seal in seals]
+        encoded = [self._encode(seal, rows if seal.rows is not None else None, False) for seal in seals]
+        if not stats_finite([stats for blocks in encoded for stats in (blocks[1], blocks[2], blocks[4], blocks[5])]):
+            for seal in seals:  # one sync above for every layer; now find the culprit and word the error
+                self._encode(seal, rows if seal.rows is not None else None, True)
+        return encoded
 
     def assign(self, seals: list[SealBatch], encoded: list[tuple[torch.Tensor, ...]]) -> SealWrites:
         """Give the seals their quantized blocks (ids shared by all layers: allocated by the first layer to seal
@@ -154,9 +159,9 @@ class Sealer:
             for storage, tokens in zip((dense.keys, dense.values), keys_values, strict=True):
                 storage[table.dense_blocks[cut]].copy_(tokens[0])
 
-    def _encode(self, seal: SealBatch, rows: TokenRows | None) -> tuple[torch.Tensor, ...]:
+    def _encode(self, seal: SealBatch, rows: TokenRows | None, check: bool) -> tuple[torch.Tensor, ...]:
         storage = self.quantized_pool.quantized(seal.layer)
-        return encode_sealed(self.pool.dense(seal.layer), storage, seal, rows)
+        return encode_sealed(self.pool.dense(seal.layer), storage, seal, rows, check)
 
 
 @dataclass
