@@ -27,6 +27,9 @@ follow the cache (tokens seen), as they do in `generate` without padding. On a C
 the same static step runs eagerly, which is how the tests check it against the eager path; so does a CUDA cache
 whose shapes the Triton kernels do not tile (the torch reference reads lengths on the host). A forward that
 cannot be captured (an op that syncs) warns once and stays eager.
+
+`KVCacheEngine` runs its decode batches and its prefill chunks through the same `StepGraph` (several tokens per
+row, padded to a fixed width: see `StepGraph`), with `EngineConfig.decode_graphs`.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from kv_cache.hf_cache import KVCache
 from kv_cache.kv_store import KVStore, ReservedStep
 from kv_cache.stats import store_gauges
 
-# Keyword arguments a decode step may carry into the graph (the values that matter are checked in `_plan_call`).
+# Keyword arguments a decode step may carry into the graph (the values that matter are checked in `_runner`).
 GRAPH_KWARGS = frozenset(
     {
         "input_ids",
@@ -351,9 +354,9 @@ def padded_size(size: int, limit: int) -> int:
 
 
 def graphable(cache: KVCache, rows: int) -> bool:
-    """Whether the cache's next one-token step of `rows` sequences can run as a static step: paged attention
+    """Whether the cache's next step of `rows` sequences can run as a static step: paged attention
     (`register_attention()`), no token eviction, no low-rank storage, and a full-precision window of >= 1 token
-    when quantized (sealing then never needs the token being written)."""
+    when quantized (sealing before a one-token step then never needs the token being written)."""
     store = cache.store
     return (
         cache.reads_paged
