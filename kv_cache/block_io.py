@@ -5,7 +5,7 @@ The functions take the storage of one layer (`DenseBlocks`, `QuantizedBlocks`) a
 arrive as `[batch, kv_heads, tokens, head_dim]`; `token_rows` flattens them to rows `batch * tokens + t`.
 
 What can run out of memory (index tensors, gathers, dtype casts, quantization) is split from what writes the pool:
-`dense_write`, `encode_sealed` and `sealed_block_ids` build tensors and change nothing; `SlotWrite.apply` and
+`dense_write`, `gather_sealed` and `sealed_block_ids` build tensors and change nothing; `SlotWrite.apply` and
 `QuantizedBlocks.store` only copy in place. The store builds everything first and writes last (see `kv_store`).
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kv_cache.block_format import BlockFormat, DenseBlocks, QuantizedBlocks
+from kv_cache.block_format import BlockFormat, DenseBlocks
 from kv_cache.block_table import BlockTable, SealBatch, WritePlan
 from kv_cache.devices import device_tensor
 from kv_cache.errors import CacheValidationError
@@ -155,16 +155,19 @@ def dense_write(
     return SlotWrite(dense, slots, keys, values)
 
 
-def encode_sealed(
-    dense: DenseBlocks, storage: QuantizedBlocks, seal: SealBatch, rows: TokenRows | None, check: bool = True
-) -> tuple[torch.Tensor, ...]:
-    """Quantize the blocks a seal's plans seal (tokens `[plan.sealed, plan.seal_to)`).
+def gather_sealed(
+    dense: DenseBlocks,
+    seal: SealBatch,
+    rows: TokenRows | None,
+    memo: dict[tuple[Run, ...], tuple[Tensor, Tensor]] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The tokens a seal's plans seal (tokens `[plan.sealed, plan.seal_to)`) as whole blocks: keys and values
+    `[n, block_size, kv_heads, head_dim]` fp32, ready for `QuantizedBlocks.encode`.
 
     Tokens before `plan.start` come from the table's full-precision blocks, later ones from the new `rows` (row
     `seal.rows[i]` of the append's batch; None when only stored tokens are sealed). New tokens are rounded to the
     full-precision storage dtype first, so a token is quantized from the same values whichever way it arrived.
-    Returns what `QuantizedBlocks.store` takes; raises `CacheValidationError` on NaN/Inf before anything is written
-    (`check=False`: the caller checks, see `QuantizedBlocks.encode`).
+    `memo` shares the index tensors between seals of the same runs (every layer sealing the same blocks).
     """
     size = dense.keys.shape[1]
     from_blocks: list[Run] = []  # (slot of a full-precision block, row of the sealed tokens, tokens)
@@ -179,7 +182,7 @@ def encode_sealed(
             from_rows.append((first_row, target + split - plan.sealed, plan.seal_to - split))
         target += plan.seal_to - plan.sealed
     device = dense.keys.device
-    indices = [expand_runs(runs, device) if runs else None for runs in (from_blocks, from_rows)]
+    indices = [_indices(runs, device, memo) if runs else None for runs in (from_blocks, from_rows)]
     sealed = []
     new_rows = (None, None) if rows is None else rows
     for new, slots in zip(new_rows, (dense.key_slots, dense.value_slots), strict=True):
@@ -188,7 +191,20 @@ def encode_sealed(
             if pairs is not None and source is not None:
                 tokens.index_copy_(0, pairs[1], source.index_select(0, pairs[0]).to(slots.dtype).float())
         sealed.append(tokens.view(target // size, size, *slots.shape[1:]))
-    return storage.encode(sealed[0], sealed[1], check)
+    return sealed[0], sealed[1]
+
+
+def _indices(
+    runs: list[Run], device: torch.device, memo: dict[tuple[Run, ...], tuple[Tensor, Tensor]] | None
+) -> tuple[Tensor, Tensor]:
+    """`expand_runs(runs)`, looked up in `memo` first."""
+    if memo is None:
+        return expand_runs(runs, device)
+    key = tuple(runs)
+    found = memo.get(key)
+    if found is None:
+        found = memo[key] = expand_runs(runs, device)
+    return found
 
 
 def _slot_runs(table: BlockTable, positions: tuple[int, int], size: int, target: int) -> list[Run]:
@@ -216,7 +232,7 @@ def expand_runs(runs: list[Run], device: torch.device) -> tuple[Tensor, Tensor]:
 
 
 def sealed_block_ids(tables: list[BlockTable], plans: list[WritePlan], block_size: int, device: torch.device) -> Tensor:
-    """`[n]` int64 ids of the quantized blocks the plans seal, in `encode_sealed`'s order (already allocated)."""
+    """`[n]` int64 ids of the quantized blocks the plans seal, in `gather_sealed`'s order (already allocated)."""
     block_ids = [
         table.quantized_ids[logical]
         for table, plan in zip(tables, plans, strict=True)

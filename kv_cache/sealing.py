@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from kv_cache.block_format import QuantizedBlocks
-from kv_cache.block_io import TokenRows, encode_sealed, sealed_block_ids
+from kv_cache.block_io import TokenRows, gather_sealed, sealed_block_ids
 from kv_cache.block_pool import BlockPool
 from kv_cache.block_table import BlockTable, SealBatch, WritePlan, plan_append
 from kv_cache.errors import CacheMemoryError, CacheValidationError
@@ -96,11 +96,31 @@ class Sealer:
     def encode(self, seals: list[SealBatch], rows: TokenRows | None) -> list[tuple[torch.Tensor, ...]]:
         """Quantize every batch in `seals` (the new `rows`, if given, feed the batch that has `rows`): reads blocks,
         changes nothing, so a block that cannot be sealed (NaN/Inf) or a failing allocation raises before anything
-        does."""
-        encoded = [self._encode(seal, rows if seal.rows is not None else None, False) for seal in seals]
+        does.
+
+        The layers' blocks are quantized together, one call per bit width (quantization is per block, so this is
+        exactly the per-layer result), and their scales and zeros checked with one device sync.
+        """
+        memo: dict = {}  # every layer sealing the same blocks shares the index tensors
+        gathered = [
+            gather_sealed(self.pool.dense(seal.layer), seal, rows if seal.rows is not None else None, memo)
+            for seal in seals
+        ]
+        by_bits: dict[int, list[int]] = {}
+        for index, seal in enumerate(seals):
+            by_bits.setdefault(self.quantized_pool.quantized(seal.layer).bits, []).append(index)
+        encoded: list[tuple[torch.Tensor, ...]] = [() for _ in seals]
+        for indices in by_bits.values():
+            storage = self.quantized_pool.quantized(seals[indices[0]].layer)
+            keys = torch.cat([gathered[i][0] for i in indices])
+            values = torch.cat([gathered[i][1] for i in indices])
+            counts = [gathered[i][0].shape[0] for i in indices]
+            parts = [part.split(counts) for part in storage.encode(keys, values, check=False)]
+            for position, index in enumerate(indices):
+                encoded[index] = tuple(part[position] for part in parts)
         if not stats_finite([stats for blocks in encoded for stats in (blocks[1], blocks[2], blocks[4], blocks[5])]):
-            for seal in seals:  # one sync above for every layer; now find the culprit and word the error
-                self._encode(seal, rows if seal.rows is not None else None, True)
+            for seal, (keys, values) in zip(seals, gathered, strict=True):  # find the culprit, word the error
+                self.quantized_pool.quantized(seal.layer).encode(keys, values, check=True)
         return encoded
 
     def assign(self, seals: list[SealBatch], encoded: list[tuple[torch.Tensor, ...]]) -> SealWrites:
@@ -158,10 +178,6 @@ class Sealer:
             dense = self.pool.dense(layer)
             for storage, tokens in zip((dense.keys, dense.values), keys_values, strict=True):
                 storage[table.dense_blocks[cut]].copy_(tokens[0])
-
-    def _encode(self, seal: SealBatch, rows: TokenRows | None, check: bool) -> tuple[torch.Tensor, ...]:
-        storage = self.quantized_pool.quantized(seal.layer)
-        return encode_sealed(self.pool.dense(seal.layer), storage, seal, rows, check)
 
 
 @dataclass
