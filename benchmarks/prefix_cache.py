@@ -72,11 +72,12 @@ def window(index: int, length: int) -> list[int]:
 GRAPHS = {"auto": None, "on": True, "off": False}
 DECODE_GRAPHS: list[bool | None] = [None]  # EngineConfig.decode_graphs of every engine built here (--graphs)
 BLOCKS: dict[str, Any] = {"block_size": 16}  # the block format of every engine built here (--int4 changes it)
+CHUNK = [2048]  # EngineConfig.prefill_chunk_size of every engine built here (--chunk)
 
 
 def make_engine(model: torch.nn.Module, num_blocks: int, max_tokens: int = 4096, **engine: Any) -> KVCacheEngine:
     config = KVCacheConfig(num_blocks=num_blocks, max_tokens=max_tokens, **BLOCKS)
-    settings = {"prefill_chunk_size": 2048, "max_num_seqs": 16, "decode_graphs": DECODE_GRAPHS[0], **engine}
+    settings = {"prefill_chunk_size": CHUNK[0], "max_num_seqs": 16, "decode_graphs": DECODE_GRAPHS[0], **engine}
     return KVCacheEngine(model, config, EngineConfig(**settings))  # type: ignore[arg-type]
 
 
@@ -247,9 +248,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--graphs", choices=list(GRAPHS), default="auto", help="EngineConfig.decode_graphs")
     parser.add_argument("--int4", action="store_true", help="INT4 blocks (64 tokens, 128-token bf16 window)")
+    parser.add_argument("--chunk", type=int, default=2048, help="EngineConfig.prefill_chunk_size")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     DECODE_GRAPHS[0] = GRAPHS[args.graphs]
+    CHUNK[0] = args.chunk
     if args.int4:
         BLOCKS.clear()
         BLOCKS.update(use_quantization=True, quantization_bits=4)
