@@ -117,7 +117,8 @@ class KVCacheConfig:
             last layers at 8 bits; negative indices count from the last layer.
         check_finite: with quantization, reject NaN/Inf keys or values when they are appended (one device sync per
             call on a GPU). False skips the check: a non-finite value then raises when its block is sealed, and
-            that sequence cannot grow past it; nothing non-finite is ever stored in a quantized block.
+            that sequence cannot grow past it; nothing non-finite is ever stored in a quantized block. Steps that
+            replay CUDA graphs (`decode_graphs`, the engine's step graphs) always work the second way.
         token_budget: keep at most this many tokens per layer and KV head of a sequence; older tokens are evicted
             by `cache_strategy` (LRU: a sliding window; LFU: heavy hitters by accumulated attention, H2O; ADAPTIVE:
             a recent window plus heavy hitters) once a layer holds a block more than the budget.

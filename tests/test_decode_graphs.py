@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 
 from kv_cache import CacheMemoryError, CacheStrategy, CacheValidationError, KVCache, KVCacheConfig, KVStore
 from kv_cache import decode_graphs as decode_graphs_api
-from kv_cache.decode_graphs import decode_graphs
+from kv_cache.decode_graphs import decode_graphs, padded_size
 from kv_cache.hf_attention import register_attention
 
 COMMON = {
@@ -171,6 +171,11 @@ def test_pool_exhausted_in_a_step_raises_memory_error() -> None:
     with decode_graphs(model), pytest.raises(CacheMemoryError, match="max_tokens"):
         model.generate(**prompt(1, 10), past_key_values=cache, max_new_tokens=20, do_sample=False)
     cache.store.check_invariants()
+
+
+def test_padded_size_rounds_up_to_a_power_of_two_within_the_limit() -> None:
+    assert [padded_size(n, 12) for n in (1, 2, 3, 5, 8, 9, 12)] == [1, 2, 4, 8, 8, 12, 12]
+    assert padded_size(20, 16) == 20  # never fewer than asked
 
 
 def test_rejects_what_is_not_a_module() -> None:
