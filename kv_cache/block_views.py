@@ -61,27 +61,31 @@ def consecutive_run(rows: list[list[int]]) -> int | None:
 class ViewRows:
     """One layer of a batch as host lists: what `paged_view` copies to the device.
 
-    dense_rows: per table, the full-precision block ids after its sealed blocks; tail_lens: the tokens in them;
-    sealed_rows / sealed_lens: the quantized block ids and their tokens (None without a quantized pool).
+    dense_rows: per table, the full-precision block ids after its sealed blocks (None when not asked for); tail_lens:
+    the tokens in them; sealed_rows / sealed_lens: the quantized block ids (None when not asked for) and their
+    tokens (both None without a quantized pool).
     """
 
-    dense_rows: list[list[int]]
+    dense_rows: list[list[int]] | None
     tail_lens: list[int]
     sealed_rows: list[list[int]] | None
     sealed_lens: list[int] | None
 
 
-def view_rows(tables: list[BlockTable], layer: int, block_size: int, quantized: bool) -> ViewRows:
-    """`layer` of the tables as block-id rows and lengths (see `attention.paged_kv` for the layout)."""
+def view_rows(tables: list[BlockTable], layer: int, block_size: int, quantized: bool, blocks: bool = True) -> ViewRows:
+    """`layer` of the tables as block-id rows and lengths (see `attention.paged_kv` for the layout); `blocks=False`
+    leaves the block-id rows out (a caller whose copy of them is current needs only the lengths)."""
     sealed = [t.layer_sealed[layer] // block_size for t in tables]
-    dense_rows = [
-        [t.dense_blocks[x] for x in range(s, blocks_needed(t.layer_lengths[layer], block_size))]
-        for t, s in zip(tables, sealed, strict=True)
-    ]
+    dense_rows = None
+    if blocks:
+        dense_rows = [
+            [t.dense_blocks[x] for x in range(s, blocks_needed(t.layer_lengths[layer], block_size))]
+            for t, s in zip(tables, sealed, strict=True)
+        ]
     tail = [t.layer_lengths[layer] - t.layer_sealed[layer] for t in tables]
     if not quantized:
         return ViewRows(dense_rows, tail, None, None)
-    sealed_rows = [t.quantized_ids[:s] for t, s in zip(tables, sealed, strict=True)]
+    sealed_rows = [t.quantized_ids[:s] for t, s in zip(tables, sealed, strict=True)] if blocks else None
     return ViewRows(dense_rows, tail, sealed_rows, [s * block_size for s in sealed])
 
 
@@ -89,6 +93,7 @@ def paged_view(tables: list[BlockTable], layer: int, pool: BlockPool, quantized_
     """`layer` of the tables as `kv_cache.attention` reads it (see `attention.paged_kv` for the layout)."""
     device = pool.device
     rows = view_rows(tables, layer, pool.block_size, quantized_pool is not None)
+    assert rows.dense_rows is not None
     quantized = None
     if quantized_pool is not None and rows.sealed_rows is not None and rows.sealed_lens is not None:
         storage = quantized_pool.quantized(layer)

@@ -110,14 +110,15 @@ class StaticStep:
     def load(self, step: ReservedStep, seq_ids: tuple[int, ...], input_ids: torch.Tensor) -> None:
         """Copy a step reserved for `tokens` tokens per row of `seq_ids` into the buffers: ids `[rows, n]`
         (device to device; n <= tokens), the kept-logits index n - 1, positions, slots and lengths, and the block
-        tables when the rows or the store's version changed (one non-blocking copy from page-locked memory).
+        tables when the step carries them (the rows or the store's version changed since `held_version`); one
+        non-blocking copy from page-locked memory.
 
         Tokens past `n` repeat the row's last token at the next positions (their keys/values land past the real
         end, and a real query never sees them: its causal limit is set by the lengths); rows past `rows` up to
         `batch` repeat the last row (the same tokens into the same slots). Their outputs are dropped.
         """
         rows, batch, tokens, count = step.rows, self.batch, self.tokens, len(seq_ids)
-        with_tables = (step.version, seq_ids) != self._tables_of
+        with_tables = rows.dense_rows is not None
         length = self.head + (self.meta.shape[0] - self.head if with_tables else 0)
         staging = torch.empty(length, dtype=torch.long, pin_memory=self.device.type == "cuda")
         values = staging.numpy()
@@ -133,7 +134,7 @@ class StaticStep:
         for offset, column in ((1 + 2 * per_step, rows.tail_lens), (1 + 2 * per_step + batch, sealed_lens)):
             values[offset : offset + count] = column
             values[offset + count : offset + batch] = column[-1]
-        if with_tables:
+        if rows.dense_rows is not None:
             self._fill(values[self.head :], rows.dense_rows, self.dense_width, "full-precision")
             if rows.sealed_rows is not None:
                 sealed = values[self.head + batch * self.dense_width :]
@@ -146,6 +147,11 @@ class StaticStep:
             self.ids[:count, new:].copy_(input_ids[:, -1:].expand(count, tokens - new))
         if count < batch:
             self.ids[count:].copy_(self.ids[count - 1 : count].expand(batch - count, tokens))
+
+    def held_version(self, seq_ids: tuple[int, ...]) -> int | None:
+        """The store version of the block tables in the buffers, if they are those of `seq_ids` (for `reserve`)."""
+        held = self._tables_of
+        return held[0] if held is not None and held[1] == seq_ids else None
 
     def _fill(self, values: np.ndarray, rows: list[list[int]], width: int, what: str) -> None:
         """Rows of block ids, each from `index * width`, the last one repeated up to `batch`."""
@@ -232,7 +238,8 @@ class StepGraph:
             )
         # A quantized chunk longer than the window seals after the step (its tokens must be written first).
         seal_after = static.quantized and new > cache.config.residual_tokens
-        step = cache.store.reserve(seq_ids, static.tokens, real=new, seal_after=seal_after)
+        held = static.held_version(seq_ids)
+        step = cache.store.reserve(seq_ids, static.tokens, real=new, seal_after=seal_after, held_version=held)
         static.load(step, seq_ids, input_ids)
         if self.graph is not None:
             self.graph.replay()

@@ -63,8 +63,9 @@ R = TypeVar("R")
 @dataclass(frozen=True)
 class ReservedStep:
     """What `KVStore.reserve` made room for: the new tokens' `slots` (sequence by sequence, `count` each, the same
-    in every layer), each sequence's first new `positions` (tokens seen before), the batch's tables and lengths
-    after the step (`rows`, every layer alike) and the store's `version` (it moves when a block list changes)."""
+    in every layer), each sequence's first new `positions` (tokens seen before), the batch's lengths after the step
+    and its tables unless still those of the caller's version (`rows`, every layer alike), and the store's
+    `version` (it moves when a block list changes)."""
 
     slots: tuple[int, ...]
     positions: list[int]
@@ -393,8 +394,8 @@ class KVStore:
         `layer` after planning where they go: allocate blocks, copy shared ones, seal what leaves the residual
         window (as after `sealing` tokens, if given: `reserve`'s padding does not count). `rows=None` plans and
         seals only (`reserve`: the caller writes the tokens; nothing sealed may include them). Lengths are the
-        caller's. Quantizing reads the blocks as they are; the block changes and
-        the index tensors built on them are undone if one fails; the pools are written last (module docstring)."""
+        caller's. Quantizing reads the blocks as they are; the block changes and the index tensors built on them
+        are undone if one fails; the pools are written last (module docstring)."""
         pool, sealer = self.pool, self.sealer
         assert pool is not None
         plans = [self._plan(table, layer, count, sealing) for table in tables]
@@ -434,7 +435,12 @@ class KVStore:
 
     @_memory_errors
     def reserve(
-        self, seq_ids: Sequence[int], count: int = 1, real: int | None = None, seal_after: bool = False
+        self,
+        seq_ids: Sequence[int],
+        count: int = 1,
+        real: int | None = None,
+        seal_after: bool = False,
+        held_version: int | None = None,
     ) -> ReservedStep:
         """Make room for `count` new tokens per sequence in every layer, without writing them.
 
@@ -453,6 +459,9 @@ class KVStore:
         and the caller calls `seal(seq_ids)` once the tokens are written (and the padding cut off). A chunk longer
         than the window then attends to its own tokens in full precision (KIVI's prefill) where `append` would
         have sealed part of it first.
+
+        `held_version`: the version of the block tables (of these same sequences) the caller holds; when the store
+        is still at it, the returned rows carry only the lengths.
 
         Needs every layer of each sequence at the same length (as between model steps), no attention-mass
         tracking, and a residual window of at least `real` tokens unless `seal_after` (sealing must not need the
@@ -489,7 +498,8 @@ class KVStore:
             for table in tables:
                 table.layer_lengths[:] = [length + count for length in table.layer_lengths]
             positions = [t.layer_lengths[0] + t.layer_evicted[0] - count for t in tables]
-            rows = view_rows(tables, 0, self.block_size, self.quantized_pool is not None)
+            blocks = held_version != self._version
+            rows = view_rows(tables, 0, self.block_size, self.quantized_pool is not None, blocks)
             return ReservedStep(slots, positions, rows, self._version)
 
     @_memory_errors

@@ -193,31 +193,45 @@ def store_with(**overrides: object) -> tuple[KVStore, list[int]]:
     return store, seq_ids
 
 
+def twin_stores(overrides: dict, prompt: int, gen: torch.Generator) -> tuple[KVStore, list[int], KVStore, list[int]]:
+    """Two stores (the `append` one, the `reserve` one) holding the same `prompt` tokens in 3 sequences."""
+    appended, seq_a = store_with(**overrides)
+    reserved, seq_b = store_with(**overrides)
+    first = torch.randn(3, 2, prompt, 16, generator=gen)
+    for store, seq_ids in ((appended, seq_a), (reserved, seq_b)):
+        for layer in range(2):
+            store.append(seq_ids, layer, first, -first)
+    return appended, seq_a, reserved, seq_b
+
+
+def assert_same_contents(appended: KVStore, seq_a: list[int], reserved: KVStore, seq_b: list[int]) -> None:
+    for layer in range(2):
+        for a, b in zip(appended.read(seq_a, layer), reserved.read(seq_b, layer), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [reserved.num_sealed(s, 0) for s in seq_b] == [appended.num_sealed(s, 0) for s in seq_a]
+    reserved.check_invariants()
+
+
 @pytest.mark.parametrize("overrides", [{}, {"use_quantization": True, "quantization_bits": 4, "residual_tokens": 4}])
 def test_reserve_then_write_equals_append(overrides: dict) -> None:
     """Step by step over block boundaries and seals: reserve + write into the slots = append."""
     gen = torch.Generator().manual_seed(1)
-    appended, seq_a = store_with(**overrides)
-    reserved, seq_b = store_with(**overrides)
-    first = torch.randn(3, 2, 7, 16, generator=gen)
-    for store, seq_ids in ((appended, seq_a), (reserved, seq_b)):
-        for layer in range(2):
-            store.append(seq_ids, layer, first, first * 2)
+    appended, seq_a, reserved, seq_b = twin_stores(overrides, 7, gen)
+    held = None
     for _ in range(11):
         new = torch.randn(3, 2, 1, 16, generator=gen)
         for layer in range(2):
             appended.append(seq_a, layer, new + layer, new * 2)
-        step = reserved.reserve(seq_b)
+        step = reserved.reserve(seq_b, held_version=held)
+        assert (step.rows.dense_rows is None) == (step.version == held)  # block ids only when they changed
+        held = step.version
         assert step.positions == [reserved.num_tokens(s) - 1 for s in seq_b]
         slots = torch.tensor(step.slots)
         for layer in range(2):
             assert reserved.pool is not None
             states = (new + layer).transpose(1, 2).reshape(3, 2, 16)
             reserved.pool.dense(layer).write(slots, states, (new * 2).transpose(1, 2).reshape(3, 2, 16))
-        for layer in range(2):
-            for a, b in zip(appended.read(seq_a, layer), reserved.read(seq_b, layer), strict=True):
-                torch.testing.assert_close(a, b, rtol=0, atol=0)
-        reserved.check_invariants()
+        assert_same_contents(appended, seq_a, reserved, seq_b)
 
 
 QUANTIZED = {"use_quantization": True, "quantization_bits": 4, "residual_tokens": 4}
@@ -230,12 +244,7 @@ def test_padded_reserve_then_truncate_equals_append(overrides: dict, real: int, 
     """A step of 6 slots holding `real` tokens: sealing follows them (before the step, or after it for a chunk
     longer than the window), the padding is cut off after; the store then holds what `append` would."""
     gen = torch.Generator().manual_seed(2)
-    appended, seq_a = store_with(**overrides)
-    reserved, seq_b = store_with(**overrides)
-    first = torch.randn(3, 2, 5, 16, generator=gen)
-    for store, seq_ids in ((appended, seq_a), (reserved, seq_b)):
-        for layer in range(2):
-            store.append(seq_ids, layer, first, -first)
+    appended, seq_a, reserved, seq_b = twin_stores(overrides, 5, gen)
     for _ in range(4):
         new = torch.randn(3, 2, real, 16, generator=gen)
         for layer in range(2):
@@ -250,11 +259,7 @@ def test_padded_reserve_then_truncate_equals_append(overrides: dict, real: int, 
             reserved.truncate(seq_id, first_position + real)
         if seal_after:
             reserved.seal(seq_b)
-        for layer in range(2):
-            for a, b in zip(appended.read(seq_a, layer), reserved.read(seq_b, layer), strict=True):
-                torch.testing.assert_close(a, b, rtol=0, atol=0)
-        assert [reserved.num_sealed(s, 0) for s in seq_b] == [appended.num_sealed(s, 0) for s in seq_a]
-        reserved.check_invariants()
+        assert_same_contents(appended, seq_a, reserved, seq_b)
 
 
 def test_reserve_refuses_layers_at_different_lengths() -> None:

@@ -305,7 +305,7 @@ class KVCacheEngine:
         store)."""
         count = len(ids[0])
         self._cache.seq_ids = seq_ids
-        graph = self._step_graph(len(seq_ids), count) if graphable(self._cache, len(seq_ids)) else None
+        graph = self._step_graph(len(seq_ids), count)
         if graph is not None:
             try:
                 return graph(device_tensor(ids, torch.long, self.device)).logits[:, -1]
@@ -324,8 +324,8 @@ class KVCacheEngine:
     def _step_graph(self, rows: int, tokens: int) -> StepGraph | None:
         """The step graph for `rows` sequences of `tokens` new tokens each, padded to the next power of two (rows
         up to `max_num_seqs`; tokens from 16 up to `PREFILL_GRAPH_TOKENS`); made on first use and kept on the
-        cache. None: the step runs eagerly (graphs off, or a longer chunk)."""
-        if not self._graphs or tokens > PREFILL_GRAPH_TOKENS:
+        cache. None: the step runs eagerly (graphs off, a longer chunk, or a cache `graphable` refuses)."""
+        if not self._graphs or tokens > PREFILL_GRAPH_TOKENS or not graphable(self._cache, rows):
             return None
         batch = padded_size(rows, self.engine_config.max_num_seqs)
         width = 1 if tokens == 1 else padded_size(max(tokens, 16), PREFILL_GRAPH_TOKENS)
