@@ -12,7 +12,12 @@ mass) on mixed odd lengths and at B=8, T=16k.
     PYTHONPATH=. python benchmarks/attention.py            # full table
     PYTHONPATH=. python benchmarks/attention.py --sweep    # also launch-parameter variants at B=8, T=16k
     PYTHONPATH=. python benchmarks/attention.py --sweep-only 32 16384 [--formats int4 int2]  # variants only
+    PYTHONPATH=. python benchmarks/attention.py --prefill-only 1 2048 512 [--formats bf16 int4]  # chunked prefill
     PYTHONPATH=. python benchmarks/attention.py --profile  # one launch per format, for ncu
+
+`--prefill-only B P C`: a chunk of C query tokens appended after P cached tokens (the chunk's own keys are the last
+C tokens of the cache), our `prefill` with the default and other launch parameters vs SDPA (flash, bottom-right
+causal mask) over a contiguous bf16 cache of P + C tokens, in one run.
 """
 
 from __future__ import annotations
@@ -246,6 +251,40 @@ def sweep(device: str, batch: int = 8, seq_len: int = 16384, formats: tuple[str,
     return rows
 
 
+def prefill_sweep(device: str, batch: int, prefix: int, chunk: int, formats: tuple[str, ...]) -> list[str]:
+    """Chunked prefill: graph-replay us of SDPA and of our `prefill` per format and launch-parameter variant."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    total = prefix + chunk
+    query = torch.randn(batch, Q_HEADS, chunk, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    k = torch.randn(batch, KV_HEADS, total, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    mask = causal_lower_right(chunk, total)
+    sdpa = _bench(lambda: F.scaled_dot_product_attention(query, k, v, attn_mask=mask, enable_gqa=True))[1]
+    rows = [f"prefill B={batch}, {chunk} query tokens after {prefix} cached (graph-replay us): SDPA {sdpa:.1f}"]
+    options = AttentionOptions()
+    for fmt in formats:
+        kv = make_kv(fmt, [total] * batch, device)
+        base = triton_attention.choose_config(query, kv)
+        changes: list[dict] = [{}]
+        for block_m in (16, 32, 64, 128):
+            for warps in (4, 8):
+                for splits in (1, 2, 4):
+                    change = {"block_m": block_m, "num_warps": warps}
+                    change["quant_splits" if fmt in BITS else "tail_splits"] = splits
+                    changes.append(change)
+        for change in changes:
+            config = dataclasses.replace(base, **change)
+            try:
+                us = _bench(lambda: triton_attention.launch(query, kv, options, config))[1]  # noqa: B023
+                rows.append(f"  {fmt:5s} {us:8.1f}  {sdpa / us:5.2f}x SDPA  {config}")
+            except Exception as error:  # report and go on: one bad variant must not end the run
+                rows.append(f"  {fmt:5s}   failed  {config}: {_describe(error)}")
+            print(rows[-1], flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
 def _variants(fmt: str, base: triton_attention.KernelConfig) -> list[tuple[dict, int]]:
     """(config changes, quantized block size) to try."""
     if fmt not in BITS:
@@ -278,6 +317,7 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--sweep-only", nargs=2, type=int, metavar=("B", "T"), help="only the sweep, at B, T")
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=["bf16"], help="formats --sweep-only tries")
+    parser.add_argument("--prefill-only", nargs=3, type=int, metavar=("B", "P", "C"), help="chunked prefill sweep")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     device = "cuda"
@@ -285,6 +325,9 @@ def main() -> int:
         profile(device)
         return 0
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    if args.prefill_only:
+        print("\n".join(prefill_sweep(device, *args.prefill_only, formats=tuple(args.formats))))
+        return 0
     if args.sweep_only:
         print("\n".join(sweep(device, *args.sweep_only, formats=tuple(args.formats))))
         return 0

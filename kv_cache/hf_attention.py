@@ -10,9 +10,11 @@ torch reference elsewhere). Transformers does not pass the cache to attention fu
 layer over in a context variable that the attention function of the same layer consumes right after.
 
 A left-padded batch (a 2-D mask with zeros) falls back to the cache's dense read and SDPA with that mask:
-correct, but without the paged kernels. A prompt with nothing cached before it, stored exactly (full precision),
-is attended by SDPA over the new states themselves: they are the whole cache, and SDPA's flash kernel beats the
-paged kernels at long prompts. Causality, sliding windows and GQA are otherwise the kernels' job.
+correct, but without the paged kernels. A prompt with nothing cached before it is attended by SDPA over its own
+states, exactly as the model computed them, whatever format stores them (KIVI's prefill; Hugging Face's
+`QuantizedCache` and kvpress, which compresses after the prefill, do the same): quantization and lower-precision
+blocks change what later tokens read, not the prompt's own attention, and SDPA's flash kernel beats the paged
+kernels at long prompts. Causality, sliding windows and GQA are otherwise the kernels' job.
 """
 
 from __future__ import annotations
@@ -133,19 +135,14 @@ def paged_attention(
 
 
 def _fresh_prompt(cache: KVCache, seq_ids: list[int], layer: int, query: torch.Tensor, window: int | None) -> bool:
-    """Whether every row holds just this call's tokens (a prompt with nothing cached before it), stored exactly as
-    given (full precision, the model's dtype, no low-rank), without a sliding window: attention over the cache is
-    then causal attention over the new states themselves, which SDPA (flash attention on CUDA) computes faster
-    than the paged kernels. Reads only host-side lengths."""
+    """Whether every row holds just this call's tokens (a prompt with nothing cached before it), without a sliding
+    window or low-rank storage (those attend what the blocks hold): the prompt then attends its own exact states,
+    causally, by SDPA (flash attention on CUDA). Reads only host-side lengths."""
     store, q_len = cache.store, query.shape[2]
-    pool = store.pool
     return (
         q_len > 1
         and window is None
         and cache.low_rank is None
-        and store.quantized_pool is None
-        and pool is not None
-        and pool.block_format.dtype == query.dtype
         and all(store.num_tokens(seq_id, layer) == q_len for seq_id in seq_ids)
     )
 

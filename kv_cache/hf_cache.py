@@ -4,7 +4,10 @@
 
 One `PagedLayer` per decoder layer (the contract of `transformers.Cache`, 5.17+); all layers share one store, in
 which batch row `i` is sequence `seq_ids[i]`. `update` writes the new tokens into the row's blocks and returns
-the row's keys/values gathered from the blocks, so stock `sdpa`/`eager` attention works unchanged. Batch-wide
+the row's keys/values gathered from the blocks, so stock `sdpa`/`eager` attention works unchanged. A prompt with
+nothing cached before it gets its own states back, exactly (KIVI's prefill, as `hf_attention` does): the blocks'
+format (quantized, lower precision) changes what later tokens read, not the prompt's own attention. Sliding-window
+layers and low-rank storage read the blocks for the prompt too, as the paged attention does. Batch-wide
 operations (`reorder_cache` for beam search, `crop`, `batch_select_indices`, `batch_repeat_interleave`, `reset`)
 act once on the store: a beam that continues another shares its blocks (copy-on-write), nothing is copied.
 Sliding-window layers keep their whole history; the model's sliding mask hides what is outside the window.
@@ -89,12 +92,18 @@ class PagedLayer(CacheLayerMixin):
             if cache.evictor is not None and not paged:  # the paged attention evicts after it has attended
                 cache.evictor.evict(cache.seq_ids, self.layer_idx, incoming=key_states.shape[2])
             cached = cache.store.num_tokens(cache.seq_ids[0], self.layer_idx)
+            fresh = (
+                not self.is_sliding
+                and cache.low_rank is None
+                and not any(cache.store.num_tokens(seq_id, self.layer_idx) for seq_id in cache.seq_ids)
+            )
             stored = key_states, value_states
             if cache.low_rank is not None:  # the blocks hold coefficients on the layer's bases
                 stored = cache.low_rank.compress(self.layer_idx, *stored)
             cache.store.append(cache.seq_ids, self.layer_idx, *stored)
             if paged:  # the attention function reads the blocks itself
                 hand_off(cache, self.layer_idx)
+            if paged or fresh:  # (a fresh prompt attends its own exact states)
                 keys, values = key_states, value_states
             else:
                 keys, values = cache.read_states(self.layer_idx, key_states.dtype)

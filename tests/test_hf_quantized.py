@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from kv_cache import KVCache, KVCacheConfig
+from kv_cache.hf_attention import register_attention
 
 MODEL = LlamaConfig(
     vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -16,15 +19,15 @@ MODEL = LlamaConfig(
 
 def model() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(MODEL).eval()
+    return LlamaForCausalLM(copy.deepcopy(MODEL)).eval()  # its own config: tests set the attention on it
 
 
-def quantized_cache(bits: int, **overrides: object) -> KVCache:
+def quantized_cache(bits: int, lm: LlamaForCausalLM | None = None, **overrides: object) -> KVCache:
     options = {
         "max_tokens": 160, "block_size": 16, "use_quantization": True, "quantization_bits": bits,
         "quantization_group_size": 16, "residual_tokens": 16, "device": "cpu", **overrides,
     }  # fmt: skip
-    return KVCache(KVCacheConfig(**options), MODEL)  # type: ignore[arg-type]
+    return KVCache(KVCacheConfig(**options), MODEL if lm is None else lm.config)  # type: ignore[arg-type]
 
 
 def prompt(batch: int = 1, length: int = 40) -> dict[str, torch.Tensor]:
@@ -76,3 +79,39 @@ def test_mixed_precision_layers_through_the_config() -> None:
     rows = cache.get_stats(include_quantization_error=True)["quantization_error"]["layers"]
     assert [row["bits"] for row in rows] == [8, 2, 8]
     assert rows[0]["key_error"] < rows[1]["key_error"]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "paged"])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_a_prompt_attends_its_exact_states_and_later_tokens_the_quantized_cache(attention: str, bits: int) -> None:
+    """KIVI's prefill: the prompt's logits are DynamicCache's exactly, whatever the bit width (the blocks still hold
+    codes). The next token reads the sealed blocks: its logits move by the quantization
+    error, and the dense read (sdpa) and the paged kernels agree on them."""
+    lm = model()
+    batch, step = prompt(batch=2, length=40), torch.tensor([[7], [9]])
+    with torch.no_grad():
+        dynamic = DynamicCache(config=MODEL)
+        expected = lm(**batch, past_key_values=dynamic).logits
+        expected_step = lm(input_ids=step, past_key_values=dynamic).logits
+        lm.set_attn_implementation("sdpa" if attention == "sdpa" else register_attention())
+        cache = quantized_cache(bits, lm)
+        logits = lm(**batch, past_key_values=cache).logits
+        assert cache.get_stats()["quantized_blocks_used"] == 2  # 40 tokens, a 16-token window: one sealed per row
+        logits_step = lm(input_ids=step, past_key_values=cache).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    error = (logits_step - expected_step).abs().max().item()
+    assert 0 < error < {8: 0.02, 4: 0.2, 2: 1.0}[bits]
+
+
+def test_the_quantized_step_after_an_exact_prompt_is_the_same_through_both_attentions() -> None:
+    lm = model()
+    batch, step = prompt(batch=2, length=40), torch.tensor([[7], [9]])
+    logits = {}
+    for implementation in ("sdpa", register_attention()):
+        lm.set_attn_implementation(implementation)
+        cache = quantized_cache(4, lm)
+        assert cache.reads_paged == (implementation != "sdpa")
+        with torch.no_grad():
+            lm(**batch, past_key_values=cache)
+            logits[implementation] = lm(input_ids=step, past_key_values=cache).logits
+    torch.testing.assert_close(logits["sdpa"], logits[register_attention()], rtol=1e-4, atol=1e-4)
