@@ -267,9 +267,9 @@ def prefill_sweep(device: str, batch: int, prefix: int, chunk: int, formats: tup
         kv = make_kv(fmt, [total] * batch, device)
         base = triton_attention.choose_config(query, kv)
         changes: list[dict] = [{}]
-        for block_m in (16, 32, 64, 128):
+        for block_m in (16, 64, 128):
             for warps in (4, 8):
-                for splits in (1, 2, 4):
+                for splits in (1, 2):
                     change = {"block_m": block_m, "num_warps": warps}
                     change["quant_splits" if fmt in BITS else "tail_splits"] = splits
                     changes.append(change)

@@ -162,6 +162,22 @@ def test_quantized_decode_config(triton_attention: ModuleType, monkeypatch: pyte
     assert config.quant_splits == triton_attention.MAX_QUANT_SPLITS
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+def test_prefill_config(triton_attention: ModuleType, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    """Prefill takes 64-row tiles over 4 warps in every format but fp32, and splits only until each
+    multiprocessor has one program (the sweep in attention_h100.txt)."""
+    case = make_case(replace(triton_spec(fmt, "prefill", 4, "several"), q_len=40), BACKEND.device)
+    tiles = case.kv.batch * case.kv.kv_heads * 3  # 40 tokens x 4 heads: three 64-row tiles per KV head
+    splits = {}
+    for multiprocessors in (tiles, 4 * tiles):
+        monkeypatch.setattr(triton_attention, "_multiprocessors", lambda device, m=multiprocessors: m)
+        config = triton_attention.choose_config(case.query, case.kv)
+        assert (config.block_m, config.num_warps) == (64, 4)
+        splits[multiprocessors] = config.quant_splits if fmt == "int4" else config.tail_splits
+    assert splits[tiles] == 1
+    assert fmt != "int4" or splits[4 * tiles] > 1  # (the bf16 case's cache is too short to split)
+
+
 def test_prefill_spanning_query_tiles(triton_attention: ModuleType) -> None:
     """q_len 20 with a group of 4 fills two 64-row query tiles."""
     spec = replace(triton_spec("int4", "prefill", 4, "several"), q_len=20)

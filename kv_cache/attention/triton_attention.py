@@ -37,7 +37,8 @@ from kv_cache.errors import CacheValidationError
 from kv_cache.quantizer import SUPPORTED_BITS
 
 LOG2_E = 1.4426950408889634
-PROGRAMS_PER_SM = 4  # split until the grid has about this many programs per multiprocessor
+PROGRAMS_PER_SM = 4  # decode: split until the grid has about this many programs per multiprocessor
+PREFILL_PROGRAMS_PER_SM = 1  # prefill: query tiles already fill the GPU, and each split adds a reduce
 MIN_TILES_PER_SPLIT = 2
 # Decode over quantized blocks: one warp per program over 16-token tiles, just the GQA group's rows (the dot pads
 # M to 16 inside the instruction), so nothing crosses warps; as many warps per multiprocessor as 4 programs of 4.
@@ -298,21 +299,23 @@ def _value_chunk(part: QuantizedKV | None, head_dim: int) -> int:
 def choose_config(query: torch.Tensor, kv: PagedKV) -> KernelConfig:
     """Launch parameters from the shapes alone (no data read): split until the grid fills the GPU.
 
-    query: `[batch, q_heads, q_len, head_dim]`. Row tiles stay at 16 rows where bigger ones spill registers
-    (quantized blocks, fp32 caches; checked with the sm_90 compiler's resource report), else up to 64 rows.
-    Quantized tiles of <= 4 rows (decode with GQA groups <= 4) take one warp each (see the constants above):
-    at INT4, B=8, T=16k that measured 105 us against 173 us for 16-row tiles over 4 warps (attention_notes.md).
+    query: `[batch, q_heads, q_len, head_dim]`. Row tiles stay at 16 rows for fp32 caches (bigger ones spill
+    registers; checked with the sm_90 compiler's resource report), else up to 64 rows over 4 warps. Quantized tiles
+    of <= 4 rows (decode with GQA groups <= 4) take one warp each (see the constants above): at INT4, B=8, T=16k
+    that measured 105 us against 173 us for 16-row tiles over 4 warps (attention_notes.md). Prefill of 512 tokens
+    after 2048 (H100, prefill sweep in attention_h100.txt): 64 rows, 4 warps and one split measured 75 us in bf16
+    (= SDPA; 8 warps and 2 splits: 115 us) and 201 us in INT4 (16 rows: 454 us; 128 rows over 8 warps: 245 us).
     """
     batch, q_heads, q_len, _ = query.shape
     group_pad = triton.next_power_of_2(q_heads // kv.kv_heads)
     fp32 = kv.key_cache.dtype == torch.float32
     quantized = kv.quantized is not None
     min_rows = SMALL_TILE_ROWS if quantized else 16
-    max_rows = 16 if quantized or fp32 else 64
+    max_rows = 16 if fp32 else 64
     block_m = max(min_rows, min(group_pad * triton.next_power_of_2(q_len), max(max_rows, group_pad)))
     small = quantized and block_m <= SMALL_TILE_ROWS
-    num_warps = 1 if small else 8 if block_m >= 64 or fp32 else 4
-    per_sm = SMALL_PROGRAMS_PER_SM if small else PROGRAMS_PER_SM
+    num_warps = 1 if small else 8 if fp32 else 4
+    per_sm = SMALL_PROGRAMS_PER_SM if small else PROGRAMS_PER_SM if q_len == 1 else PREFILL_PROGRAMS_PER_SM
     query_tiles = math.ceil(q_len / (block_m // group_pad))
     # One wave: as many splits as fill the GPU without a partial second wave (measured on the H100, bf16 at B=32:
     # 2 splits 0.97x SDPA where the rounded-up 3 gave 0.87x; attention_notes.md, run 6).
