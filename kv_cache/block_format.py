@@ -14,6 +14,7 @@ The pool, the memory planner and the stats all read sizes from here, so bytes pe
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -81,17 +82,12 @@ class QuantizedBlocks:
     def encode(self, keys: torch.Tensor, values: torch.Tensor, check: bool = True) -> tuple[torch.Tensor, ...]:
         """Quantize whole blocks (KIVI: keys per channel over the block, values per token over channel groups).
 
-        keys, values: `[n, block_size, kv_heads, head_dim]` float. Returns the six tensors `store` takes, in the
-        order of `tensors()`. Raises `CacheValidationError` on NaN/Inf (`check=False`: the caller checks the
-        scales and zeros, entries 1, 2, 4 and 5, with `quantizer.stats_finite`).
+        keys, values: `[n, block_size, kv_heads, head_dim]` float. Returns the six tensors, in the order of
+        `tensors()` (the sealer stores them). Raises `CacheValidationError` on NaN/Inf (`check=False`: the caller
+        checks the scales and zeros, entries 1, 2, 4 and 5, with `quantizer.stats_finite`).
         """
         keys_q = quantize_keys(keys, self.bits, check)
         return (*keys_q, *quantize_values(values, self.bits, self.group_size, check))
-
-    def store(self, block_ids: torch.Tensor, encoded: tuple[torch.Tensor, ...]) -> None:
-        """Write `encode`d blocks into `block_ids` (`[n]` int64)."""
-        for tensor, new in zip(self.tensors(), encoded, strict=True):
-            tensor.index_copy_(0, block_ids, new)
 
     def read(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized blocks `[n, block_size, kv_heads, head_dim]` fp32 for `block_ids` `[n]` int64."""
@@ -106,6 +102,21 @@ class QuantizedBlocks:
 
 
 LayerBlocks = DenseBlocks | QuantizedBlocks
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """The storage of several layers of one kind (full precision, or quantized at one bit width) as one tensor per
+    role, `[len(layers), num_blocks, ...]` in the order of the layers' `tensors()`; each layer's storage is a view
+    of its row. Sealing gathers and stores the blocks of every layer with one operation per tensor."""
+
+    layers: tuple[int, ...]
+    tensors: tuple[torch.Tensor, ...]
+
+    def flat(self, role: int) -> torch.Tensor:
+        """Tensor `role` with the layer and block axes merged: row `r * num_blocks + block_id` is block
+        `block_id` of `layers[r]`."""
+        return self.tensors[role].flatten(0, 1)
 
 
 @dataclass(frozen=True)
@@ -137,8 +148,9 @@ class BlockFormat:
         value_stats = 2 * _SCALE_BYTES * self.block_size * self.kv_heads * value_groups
         return codes + key_stats + value_stats
 
-    @property
+    @functools.cached_property
     def bytes_per_block(self) -> int:
+        """Bytes of one block in all layers (computed once: the stats read it every step)."""
         return sum(self.layer_bytes_per_block(layer) for layer in range(self.num_layers))
 
     @property
@@ -155,31 +167,39 @@ class BlockFormat:
             f"x {self.num_layers} layers ({self.bytes_per_token:g} bytes/token)"
         )
 
-    def allocate(self, num_blocks: int, device: torch.device) -> list[LayerBlocks]:
-        """Zero-filled storage for `num_blocks` blocks, one entry per layer."""
-        shape = (num_blocks, self.block_size, self.kv_heads, self.head_dim)
-        if self.layer_bits is None:
-            return [
-                DenseBlocks(
-                    torch.zeros(shape, dtype=self.dtype, device=device),
-                    torch.zeros(shape, dtype=self.dtype, device=device),
+    def allocate(
+        self, num_blocks: int, device: torch.device, stacked: bool = False
+    ) -> tuple[list[LayerBlocks], list[LayerStack]]:
+        """Zero-filled storage for `num_blocks` blocks: one entry per layer, and with `stacked` the `LayerStack`s
+        the layers are views of (one per kind; else none, and each layer owns its tensors: what autograd needs
+        in training mode, where an in-place write to one layer must not touch the others' version counters)."""
+        kinds: dict[int | None, list[int]] = {}  # bits (None: full precision) -> its layers
+        for layer in range(self.num_layers):
+            kinds.setdefault(None if self.layer_bits is None else self.layer_bits[layer], []).append(layer)
+        layers: list[LayerBlocks | None] = [None] * self.num_layers
+        stacks = []
+        for bits, members in kinds.items():
+            for rows in [members] if stacked else [[layer] for layer in members]:
+                tensors = tuple(
+                    torch.zeros((len(rows), num_blocks, *shape), dtype=dtype, device=device)
+                    for shape, dtype in self._roles(bits)
                 )
-                for _ in range(self.num_layers)
-            ]
-        return [self._allocate_quantized(num_blocks, bits, device) for bits in self.layer_bits]
+                for row, layer in enumerate(rows):
+                    views = [tensor[row] for tensor in tensors]
+                    layers[layer] = (
+                        DenseBlocks(*views) if bits is None else QuantizedBlocks(bits, self.group_size, *views)
+                    )
+                if stacked:
+                    stacks.append(LayerStack(tuple(rows), tensors))
+        return [blocks for blocks in layers if blocks is not None], stacks
 
-    def _allocate_quantized(self, num_blocks: int, bits: int, device: torch.device) -> QuantizedBlocks:
-        codes = (num_blocks, self.block_size, self.kv_heads, packed_dim(self.head_dim, bits))
-        key_stats = (num_blocks, self.kv_heads, self.head_dim)
+    def _roles(self, bits: int | None) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """Per-block shape and dtype of each storage tensor of a layer (`tensors()` order)."""
+        tokens = (self.block_size, self.kv_heads, self.head_dim)
+        if bits is None:
+            return [(tokens, self.dtype)] * 2
+        codes = ((self.block_size, self.kv_heads, packed_dim(self.head_dim, bits)), torch.uint8)
+        key_stats = ((self.kv_heads, self.head_dim), torch.float16)
         groups = self.head_dim // value_group_size(self.head_dim, self.group_size)
-        value_stats = (num_blocks, self.block_size, self.kv_heads, groups)
-
-        def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-            return torch.zeros(shape, dtype=dtype, device=device)
-
-        half, byte = torch.float16, torch.uint8
-        return QuantizedBlocks(
-            bits, self.group_size,
-            zeros(codes, byte), zeros(key_stats, half), zeros(key_stats, half),
-            zeros(codes, byte), zeros(value_stats, half), zeros(value_stats, half),
-        )  # fmt: skip
+        value_stats = ((self.block_size, self.kv_heads, groups), torch.float16)
+        return [codes, key_stats, key_stats, codes, value_stats, value_stats]

@@ -5,8 +5,8 @@ The functions take the storage of one layer (`DenseBlocks`, `QuantizedBlocks`) a
 arrive as `[batch, kv_heads, tokens, head_dim]`; `token_rows` flattens them to rows `batch * tokens + t`.
 
 What can run out of memory (index tensors, gathers, dtype casts, quantization) is split from what writes the pool:
-`dense_write`, `gather_sealed` and `sealed_block_ids` build tensors and change nothing; `SlotWrite.apply` and
-`QuantizedBlocks.store` only copy in place. The store builds everything first and writes last (see `kv_store`).
+`dense_write` and `gather_sealed` build tensors and change nothing; `SlotWrite.apply` and the sealer's stores
+only copy in place. The store builds everything first and writes last (see `kv_store`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from torch import Tensor
 
 from kv_cache.block_format import BlockFormat, DenseBlocks
 from kv_cache.block_table import BlockTable, SealBatch, WritePlan
-from kv_cache.devices import device_tensor
 from kv_cache.errors import CacheValidationError
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -156,66 +155,55 @@ def dense_write(
 
 
 def gather_sealed(
-    dense: DenseBlocks,
-    seal: SealBatch,
-    rows: TokenRows | None,
-    memo: dict[tuple[Run, ...], tuple[Tensor, Tensor]] | None = None,
+    slots: TokenRows, size: int, seals: list[tuple[SealBatch, int]], rows: TokenRows | None
 ) -> tuple[Tensor, Tensor]:
-    """The tokens a seal's plans seal (tokens `[plan.sealed, plan.seal_to)`) as whole blocks: keys and values
-    `[n, block_size, kv_heads, head_dim]` fp32, ready for `QuantizedBlocks.encode`.
+    """The tokens the seals seal (tokens `[plan.sealed, plan.seal_to)` of each plan) as whole blocks, seal after
+    seal: keys and values `[n, size, kv_heads, head_dim]` fp32, ready for `QuantizedBlocks.encode`.
 
-    Tokens before `plan.start` come from the table's full-precision blocks, later ones from the new `rows` (row
-    `seal.rows[i]` of the append's batch; None when only stored tokens are sealed). New tokens are rounded to the
-    full-precision storage dtype first, so a token is quantized from the same values whichever way it arrived.
-    `memo` shares the index tensors between seals of the same runs (every layer sealing the same blocks).
+    slots: keys and values `[slots, kv_heads, head_dim]` of the full-precision storage (a `LayerStack` flattened
+    over layers, blocks and tokens), each seal paired with the first slot of its layer in them. Tokens before
+    `plan.start` come from the table's full-precision blocks, later ones from the new `rows` (row `seal.rows[i]`
+    of the append's batch). New tokens are rounded to the storage dtype first, so a token is quantized from the
+    same values whichever way it arrived. One gather per tensor, however many layers seal.
     """
-    size = dense.keys.shape[1]
-    from_blocks: list[Run] = []  # (slot of a full-precision block, row of the sealed tokens, tokens)
+    from_blocks: list[Run] = []  # (slot, row of the sealed tokens, tokens)
     from_rows: list[Run] = []  # (row of `rows`, row of the sealed tokens, tokens)
     target = 0
-    for index, (table, plan) in enumerate(zip(seal.tables, seal.plans, strict=True)):
-        split = min(plan.start, plan.seal_to)  # stored tokens before it, new ones from it
-        from_blocks += _slot_runs(table, (plan.sealed, split), size, target)
-        if split < plan.seal_to:
-            batch_row = seal.rows[index] if seal.rows is not None else 0
-            first_row = batch_row * (plan.end - plan.start) + split - plan.start
-            from_rows.append((first_row, target + split - plan.sealed, plan.seal_to - split))
-        target += plan.seal_to - plan.sealed
-    device = dense.keys.device
-    indices = [_indices(runs, device, memo) if runs else None for runs in (from_blocks, from_rows)]
+    for seal, offset in seals:
+        for index, (table, plan) in enumerate(zip(seal.tables, seal.plans, strict=True)):
+            split = min(plan.start, plan.seal_to)  # stored tokens before it, new ones from it
+            from_blocks += _slot_runs(table, (plan.sealed, split), size, target, offset)
+            if split < plan.seal_to and seal.rows is not None and rows is not None:
+                first_row = seal.rows[index] * (plan.end - plan.start) + split - plan.start
+                from_rows.append((first_row, target + split - plan.sealed, plan.seal_to - split))
+            target += plan.seal_to - plan.sealed
+    device = slots[0].device
+    stored = expand_runs(from_blocks, device) if from_blocks else None
+    new = expand_runs(from_rows, device) if from_rows else None
+    in_order = new is None and sum(run[2] for run in from_blocks) == target  # stored tokens only, in target order
     sealed = []
-    new_rows = (None, None) if rows is None else rows
-    for new, slots in zip(new_rows, (dense.key_slots, dense.value_slots), strict=True):
-        tokens = torch.empty(target, *slots.shape[1:], device=device)
-        for source, pairs in zip((slots, new), indices, strict=True):
-            if pairs is not None and source is not None:
-                tokens.index_copy_(0, pairs[1], source.index_select(0, pairs[0]).to(slots.dtype).float())
-        sealed.append(tokens.view(target // size, size, *slots.shape[1:]))
+    for source, arrived in zip(slots, (None, None) if rows is None else rows, strict=True):
+        if in_order and stored is not None:
+            tokens = source.index_select(0, stored[0]).float()
+        else:
+            tokens = torch.empty(target, *source.shape[1:], device=device)
+            if stored is not None:
+                tokens.index_copy_(0, stored[1], source.index_select(0, stored[0]).float())
+            if new is not None and arrived is not None:
+                tokens.index_copy_(0, new[1], arrived.index_select(0, new[0]).to(source.dtype).float())
+        sealed.append(tokens.view(target // size, size, *source.shape[1:]))
     return sealed[0], sealed[1]
 
 
-def _indices(
-    runs: list[Run], device: torch.device, memo: dict[tuple[Run, ...], tuple[Tensor, Tensor]] | None
-) -> tuple[Tensor, Tensor]:
-    """`expand_runs(runs)`, looked up in `memo` first."""
-    if memo is None:
-        return expand_runs(runs, device)
-    key = tuple(runs)
-    found = memo.get(key)
-    if found is None:
-        found = memo[key] = expand_runs(runs, device)
-    return found
-
-
-def _slot_runs(table: BlockTable, positions: tuple[int, int], size: int, target: int) -> list[Run]:
-    """`(slot, target + position - first, tokens)` for positions `[first, end)` of a table's full-precision
-    blocks of `size` tokens: one run per block."""
+def _slot_runs(table: BlockTable, positions: tuple[int, int], size: int, target: int, base: int = 0) -> list[Run]:
+    """`(base + slot, target + position - first, tokens)` for positions `[first, end)` of a table's
+    full-precision blocks of `size` tokens: one run per block."""
     position, end = positions
     runs = []
     while position < end:
         logical, offset = divmod(position, size)
         length = min(end - position, size - offset)
-        runs.append((table.dense_blocks[logical] * size + offset, target + position - positions[0], length))
+        runs.append((base + table.dense_blocks[logical] * size + offset, target + position - positions[0], length))
         position += length
     return runs
 
@@ -229,13 +217,3 @@ def expand_runs(runs: list[Run], device: torch.device) -> tuple[Tensor, Tensor]:
     pairs = torch.repeat_interleave(spans[:, :2], lengths, dim=0).T + offsets
     firsts, seconds = pairs.to(device)
     return firsts, seconds
-
-
-def sealed_block_ids(tables: list[BlockTable], plans: list[WritePlan], block_size: int, device: torch.device) -> Tensor:
-    """`[n]` int64 ids of the quantized blocks the plans seal, in `gather_sealed`'s order (already allocated)."""
-    block_ids = [
-        table.quantized_ids[logical]
-        for table, plan in zip(tables, plans, strict=True)
-        for logical in range(plan.sealed // block_size, plan.seal_to // block_size)
-    ]
-    return device_tensor(block_ids, torch.long, device)

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 import torch
 
-from kv_cache.block_format import BlockFormat, DenseBlocks, LayerBlocks, QuantizedBlocks
+from kv_cache.block_format import BlockFormat, DenseBlocks, LayerBlocks, LayerStack, QuantizedBlocks
 from kv_cache.errors import CacheError, CacheMemoryError, CacheValidationError
 
 
@@ -36,6 +36,8 @@ class BlockPool:
         device: where the storage lives.
         capacity_hint: the config field a user should raise when the pool runs out, for error messages.
         pin_memory: page-lock the storage when CUDA is present (host pools only: `device` must be the CPU).
+        stacked: keep the layers in `LayerStack`s (`stacks`): the pools that seal, so that a seal gathers and
+            stores every layer at once (not with pin_memory; not in training mode, see `BlockFormat.allocate`).
     """
 
     def __init__(
@@ -45,10 +47,13 @@ class BlockPool:
         device: torch.device,
         capacity_hint: str = "num_blocks",
         pin_memory: bool = False,
+        stacked: bool = False,
     ) -> None:
         fmt = block_format
         if pin_memory and device.type != "cpu":
             raise CacheValidationError(f"pin_memory=True is for host pools; this pool is on {device}")
+        if pin_memory and stacked:
+            raise CacheValidationError("a pool is either pinned (a host tier) or stacked (it seals), not both")
         self.block_format = fmt
         self.num_blocks = num_blocks
         self.block_size = fmt.block_size
@@ -56,10 +61,11 @@ class BlockPool:
         self.pinned = pin_memory and torch.cuda.is_available()
         try:
             # Zero-filled, not `empty`: the memory is committed now (no page faults on the first appends).
+            self.stacks: list[LayerStack] = []
             if self.pinned:
-                self.layers: list[LayerBlocks] = _pinned_zeros(fmt.allocate(num_blocks, torch.device("meta")))
+                self.layers: list[LayerBlocks] = _pinned_zeros(fmt.allocate(num_blocks, torch.device("meta"))[0])
             else:
-                self.layers = fmt.allocate(num_blocks, device)
+                self.layers, self.stacks = fmt.allocate(num_blocks, device, stacked)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             # A CPU allocator that cannot serve the request raises a plain RuntimeError; anything else is a bug.
             if not isinstance(exc, torch.OutOfMemoryError) and "alloc" not in str(exc).lower():
@@ -182,6 +188,11 @@ class BlockPool:
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy block `src` into block `dst` in every layer (copy-on-write of a shared block); allocates nothing."""
+        if self.stacks:
+            for stack in self.stacks:
+                for tensor in stack.tensors:
+                    tensor[:, dst].copy_(tensor[:, src])
+            return
         for layer in self.layers:
             for tensor in layer.tensors():
                 tensor[dst].copy_(tensor[src])
@@ -192,7 +203,8 @@ class BlockPool:
             self.copy_block(src, dst)
 
     def detach_(self) -> None:
-        """Drop the autograd history the storage gathered from appended tensors (training mode, between steps)."""
+        """Drop the autograd history the storage gathered from appended tensors (training mode, between steps;
+        never stacked)."""
         self.layers = [
             DenseBlocks(layer.keys.detach(), layer.values.detach()) if isinstance(layer, DenseBlocks) else layer
             for layer in self.layers

@@ -146,7 +146,7 @@ class KVStore:
                 tail_blocks = batch_size * (config.residual_tokens // self.block_size + 3)
                 tail_blocks += blocks_needed(spare_tokens, self.block_size)
                 tail_hint = "the batch size of the first call (the tail pool is sized from it) or residual_tokens"
-                pool = BlockPool(dense, tail_blocks, device, capacity_hint=tail_hint)
+                pool = BlockPool(dense, tail_blocks, device, capacity_hint=tail_hint, stacked=True)
                 sealed = BlockFormat(
                     self.block_size, self.num_layers, kv_heads, head_dim, dtype,
                     layer_bits=self.layer_bits, group_size=config.quantization_group_size,
@@ -154,7 +154,7 @@ class KVStore:
                 # A sequence never seals its newest `residual_tokens` tokens.
                 sealable = blocks_needed(max(0, config.max_tokens - config.residual_tokens), self.block_size)
                 count, hint = self._pool_size(sealed, batch_size * max(1, sealable), pool.memory_bytes)
-                quantized_pool = BlockPool(sealed, count, device, capacity_hint=hint)
+                quantized_pool = BlockPool(sealed, count, device, capacity_hint=hint, stacked=True)
                 self.sealer = Sealer(pool, quantized_pool, config.residual_tokens)
             # Both pools exist: only now does the store hold them (a failure above leaves it uninitialized).
             self.pool, self.quantized_pool, self.model_dtype = pool, quantized_pool, dtype

@@ -9,7 +9,9 @@ once, so a long chunk never holds the old and the new tail in full precision tog
 
 Sealing runs in three steps so that a failing allocation changes nothing: `encode` quantizes (reads only),
 `assign` allocates the quantized blocks and advances the tables (undone by the store if a later step fails),
-`write` stores the encoded blocks in place (allocates nothing).
+`write` stores the encoded blocks in place (allocates nothing). Both pools keep their layers in `LayerStack`s, so
+the layers sealing at one bit width are gathered, quantized, checked and stored together: a handful of
+operations per seal, not per layer (the host cost of a seal is what a step pays for it).
 """
 
 from __future__ import annotations
@@ -18,16 +20,18 @@ from dataclasses import dataclass
 
 import torch
 
-from kv_cache.block_format import QuantizedBlocks
-from kv_cache.block_io import TokenRows, gather_sealed, sealed_block_ids
+from kv_cache.block_format import LayerStack
+from kv_cache.block_io import TokenRows, gather_sealed
 from kv_cache.block_pool import BlockPool
 from kv_cache.block_table import BlockTable, SealBatch, WritePlan, plan_append
+from kv_cache.devices import device_tensor
 from kv_cache.errors import CacheMemoryError, CacheValidationError
 from kv_cache.quantizer import stats_finite
 
 
 class Sealer:
-    """Seals tail blocks of `pool` (full precision) into `quantized_pool`, keeping `residual_tokens` exact."""
+    """Seals tail blocks of `pool` (full precision) into `quantized_pool`, keeping `residual_tokens` exact. Both
+    pools must be stacked (`BlockPool(..., stacked=True)`)."""
 
     def __init__(self, pool: BlockPool, quantized_pool: BlockPool, residual_tokens: int) -> None:
         self.pool = pool
@@ -35,6 +39,16 @@ class Sealer:
         self.residual_tokens = residual_tokens
         self.block_size = pool.block_size
         self.num_layers = pool.block_format.num_layers
+        (dense,) = pool.stacks
+        self._dense_slots = (dense.tensors[0].flatten(0, 2), dense.tensors[1].flatten(0, 2))  # [layers * slots, ...]
+        self._dense_first_slot = {
+            layer: row * pool.num_blocks * self.block_size for row, layer in enumerate(dense.layers)
+        }
+        self._quantized = {
+            layer: (stack, row) for stack in quantized_pool.stacks for row, layer in enumerate(stack.layers)
+        }
+        if len(self._dense_first_slot) != self.num_layers or len(self._quantized) != self.num_layers:
+            raise CacheValidationError("a Sealer needs both pools stacked: BlockPool(..., stacked=True)")
 
     def target(self, table: BlockTable, layer: int, count: int) -> int:
         """Tokens `layer` holds sealed after `count` more: every whole block older than the window."""
@@ -93,37 +107,30 @@ class Sealer:
             for table, logicals in written.values()
         ]
 
-    def encode(self, seals: list[SealBatch], rows: TokenRows | None) -> list[tuple[torch.Tensor, ...]]:
+    def encode(self, seals: list[SealBatch], rows: TokenRows | None) -> list[EncodedSeals]:
         """Quantize every batch in `seals` (the new `rows`, if given, feed the batch that has `rows`): reads blocks,
         changes nothing, so a block that cannot be sealed (NaN/Inf) or a failing allocation raises before anything
         does.
 
-        The layers' blocks are quantized together, one call per bit width (quantization is per block, so this is
-        exactly the per-layer result), and their scales and zeros checked with one device sync.
+        The layers of one bit width are gathered and quantized together (quantization is per block, so this is
+        exactly the per-layer result), and all scales and zeros are checked with one device sync.
         """
-        memo: dict = {}  # every layer sealing the same blocks shares the index tensors
-        gathered = [
-            gather_sealed(self.pool.dense(seal.layer), seal, rows if seal.rows is not None else None, memo)
-            for seal in seals
-        ]
         by_bits: dict[int, list[int]] = {}
         for index, seal in enumerate(seals):
             by_bits.setdefault(self.quantized_pool.quantized(seal.layer).bits, []).append(index)
-        encoded: list[tuple[torch.Tensor, ...]] = [() for _ in seals]
+        encoded, gathered = [], []
         for indices in by_bits.values():
+            parts = [(seals[i], self._dense_first_slot[seals[i].layer]) for i in indices]
+            keys, values = gather_sealed(self._dense_slots, self.block_size, parts, rows)
             storage = self.quantized_pool.quantized(seals[indices[0]].layer)
-            keys = torch.cat([gathered[i][0] for i in indices])
-            values = torch.cat([gathered[i][1] for i in indices])
-            counts = [gathered[i][0].shape[0] for i in indices]
-            parts = [part.split(counts) for part in storage.encode(keys, values, check=False)]
-            for position, index in enumerate(indices):
-                encoded[index] = tuple(part[position] for part in parts)
-        if not stats_finite([stats for blocks in encoded for stats in (blocks[1], blocks[2], blocks[4], blocks[5])]):
-            for seal, (keys, values) in zip(seals, gathered, strict=True):  # find the culprit, word the error
-                self.quantized_pool.quantized(seal.layer).encode(keys, values, check=True)
+            encoded.append(EncodedSeals(indices, storage.encode(keys, values, check=False)))
+            gathered.append((storage, keys, values))
+        if not stats_finite([stats for group in encoded for stats in group.stats()]):
+            for storage, keys, values in gathered:  # find the culprit, word the error
+                storage.encode(keys, values, check=True)
         return encoded
 
-    def assign(self, seals: list[SealBatch], encoded: list[tuple[torch.Tensor, ...]]) -> SealWrites:
+    def assign(self, seals: list[SealBatch], encoded: list[EncodedSeals]) -> SealWrites:
         """Give the seals their quantized blocks (ids shared by all layers: allocated by the first layer to seal
         them; copied first where another sequence shares a half-sealed one) and advance each layer's sealed length.
 
@@ -131,28 +138,33 @@ class Sealer:
         """
         pool = self.quantized_pool
         writes = SealWrites([], [])
-        for seal, blocks in zip(seals, encoded, strict=True):
-            for table, plan in zip(seal.tables, seal.plans, strict=True):
-                first, end = plan.sealed // self.block_size, plan.seal_to // self.block_size
-                for logical in range(first, min(end, len(table.quantized_ids))):
-                    old = table.quantized_ids[logical]
-                    if pool.ref_count(old) > 1:  # copy-on-write: another sequence shares this half-sealed block
-                        (table.quantized_ids[logical],) = pool.allocate(1)
-                        writes.copies.append((old, table.quantized_ids[logical]))
-                        pool.release([old])
-                missing = end - len(table.quantized_ids)
-                if missing > 0:
-                    table.quantized_ids.extend(pool.allocate(missing))
-                table.layer_sealed[seal.layer] = plan.seal_to
-            block_ids = sealed_block_ids(seal.tables, seal.plans, self.block_size, pool.device)
-            writes.stores.append((pool.quantized(seal.layer), block_ids, blocks))
+        for group in encoded:
+            stack = self._quantized[seals[group.indices[0]].layer][0]  # the group's bit width
+            rows: list[int] = []  # in the stack's flattened blocks, in `encode`'s order
+            for seal in (seals[i] for i in group.indices):
+                row = self._quantized[seal.layer][1]
+                for table, plan in zip(seal.tables, seal.plans, strict=True):
+                    first, end = plan.sealed // self.block_size, plan.seal_to // self.block_size
+                    for logical in range(first, min(end, len(table.quantized_ids))):
+                        old = table.quantized_ids[logical]
+                        if pool.ref_count(old) > 1:  # copy-on-write: another sequence shares this half-sealed block
+                            (table.quantized_ids[logical],) = pool.allocate(1)
+                            writes.copies.append((old, table.quantized_ids[logical]))
+                            pool.release([old])
+                    missing = end - len(table.quantized_ids)
+                    if missing > 0:
+                        table.quantized_ids.extend(pool.allocate(missing))
+                    table.layer_sealed[seal.layer] = plan.seal_to
+                    rows += [row * pool.num_blocks + table.quantized_ids[x] for x in range(first, end)]
+            writes.stores.append((stack, device_tensor(rows, torch.long, pool.device), group.blocks))
         return writes
 
     def write(self, writes: SealWrites) -> None:
         """Store what `assign` prepared: the copy-on-write copies, then the encoded blocks (in place)."""
         self.quantized_pool.copy_blocks(writes.copies)
-        for storage, block_ids, encoded in writes.stores:
-            storage.store(block_ids, encoded)
+        for stack, rows, blocks in writes.stores:
+            for role, new in enumerate(blocks):
+                stack.flat(role).index_copy_(0, rows, new)
 
     def unseal(self, table: BlockTable, num_tokens: int) -> None:
         """Cut a sequence inside its sealed blocks: dequantize the kept part of the cut block into the tail.
@@ -181,9 +193,22 @@ class Sealer:
 
 
 @dataclass
+class EncodedSeals:
+    """The seals `indices` (of one bit width), quantized together: `QuantizedBlocks.encode`'s six tensors over
+    their blocks, seal after seal."""
+
+    indices: list[int]
+    blocks: tuple[torch.Tensor, ...]
+
+    def stats(self) -> tuple[torch.Tensor, ...]:
+        """The scales and zeros (what a NaN/Inf poisons)."""
+        return self.blocks[1], self.blocks[2], self.blocks[4], self.blocks[5]
+
+
+@dataclass
 class SealWrites:
     """What sealing writes once nothing can fail: copy-on-write copies `(src, dst)` in the quantized pool, then
-    per seal batch its layer's storage, `[n]` int64 block ids and encoded blocks (`QuantizedBlocks.store`)."""
+    per bit width its `LayerStack`, the `[n]` int64 rows of its flattened blocks and the encoded blocks."""
 
     copies: list[tuple[int, int]]
-    stores: list[tuple[QuantizedBlocks, torch.Tensor, tuple[torch.Tensor, ...]]]
+    stores: list[tuple[LayerStack, torch.Tensor, tuple[torch.Tensor, ...]]]

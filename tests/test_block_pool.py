@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kv_cache import BlockFormat, BlockPool, CacheError, CacheMemoryError
+from kv_cache import BlockFormat, BlockPool, CacheError, CacheMemoryError, CacheValidationError
 
 
 def make_pool(num_blocks: int = 4) -> BlockPool:
@@ -107,3 +107,27 @@ def test_atomic_undoes_any_mix_of_allocations_shares_and_releases(seed: int) -> 
     with pool.atomic():  # success keeps every change, and nothing is journaled afterwards
         pool.allocate(1)
     assert pool._journal is None and allocator_state(pool) != before
+
+
+def test_a_stacked_pool_keeps_each_layer_a_view_of_its_stack() -> None:
+    fmt = BlockFormat(block_size=4, num_layers=3, kv_heads=2, head_dim=8, dtype=torch.float32, layer_bits=(8, 4, 8))
+    pool = BlockPool(fmt, 5, torch.device("cpu"), stacked=True)
+    assert sorted(stack.layers for stack in pool.stacks) == [(0, 2), (1,)]
+    stack = next(stack for stack in pool.stacks if stack.layers == (0, 2))
+    pool.quantized(2).key_codes[3].fill_(7)
+    assert int(stack.tensors[0][1, 3].max()) == 7 and int(stack.flat(0)[5 + 3].max()) == 7
+    src, dst = pool.allocate(2)
+    for layer in range(3):
+        for tensor in pool.quantized(layer).tensors():
+            tensor[src].random_(0, 100)
+    pool.copy_block(src, dst)
+    for layer in range(3):
+        assert all(torch.equal(tensor[dst], tensor[src]) for tensor in pool.quantized(layer).tensors())
+    real = sum(t.numel() * t.element_size() for s in pool.stacks for t in s.tensors)
+    assert real == pool.memory_bytes
+
+
+def test_a_pool_is_pinned_or_stacked_not_both() -> None:
+    fmt = BlockFormat(block_size=4, num_layers=2, kv_heads=2, head_dim=8, dtype=torch.float32)
+    with pytest.raises(CacheValidationError, match=r"pinned \(a host tier\) or stacked"):
+        BlockPool(fmt, 2, torch.device("cpu"), pin_memory=True, stacked=True)

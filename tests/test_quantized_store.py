@@ -98,6 +98,27 @@ def test_mixed_precision_per_layer() -> None:
         KVStore(config(layer_bits={5: 8}), num_layers=3)
 
 
+@pytest.mark.parametrize("layer_bits", [None, {0: 8, -1: 2}])
+def test_one_seal_over_every_layer_matches_the_reference(layer_bits: dict[int, int] | None) -> None:
+    """Layer 0 seals a block the other layers already hold whole: all four layers (one or three bit widths) are
+    gathered, quantized and stored together, and each reads back its own reference."""
+    store = KVStore(config(layer_bits=layer_bits), num_layers=4)
+    bits = store.layer_bits
+    gen = torch.Generator().manual_seed(2)
+    keys, values = torch.randn(2, HEADS, 28, DIM, generator=gen), torch.randn(2, HEADS, 28, DIM, generator=gen)
+    seqs = [store.add_sequence(), store.add_sequence()]
+    for layer in range(4):
+        store.append(seqs, layer, keys[:, :, :20], values[:, :, :20])  # within the window + a block: unsealed
+    assert store.quantized_pool is not None and store.quantized_pool.num_used == 0
+    store.append(seqs, 0, keys[:, :, 20:], values[:, :, 20:])
+    assert [store.num_sealed(seqs[0], layer) for layer in range(4)] == [8] * 4
+    for layer in range(1, 4):
+        store.append(seqs, layer, keys[:, :, 20:], values[:, :, 20:])
+    store.check_invariants()
+    for layer in range(4):
+        assert_matches(store, seqs, layer, keys, values, bits[layer])
+
+
 def test_fork_shares_sealed_blocks_and_copies_the_tail_on_write() -> None:
     gen = torch.Generator().manual_seed(2)
     store = KVStore(config(), num_layers=1)

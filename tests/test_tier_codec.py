@@ -61,7 +61,8 @@ def filled_pool(block_format: BlockFormat, num_blocks: int, seed: int) -> BlockP
             layer.values.copy_(values)
             layer.keys.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -0.0])  # raw bit patterns survive
         else:
-            layer.store(torch.arange(num_blocks), layer.encode(keys, values))
+            for tensor, encoded in zip(layer.tensors(), layer.encode(keys, values), strict=True):
+                tensor.copy_(encoded)
     return pool
 
 

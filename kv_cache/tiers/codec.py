@@ -70,7 +70,7 @@ class TensorSpec:
 def block_layout(block_format: BlockFormat) -> tuple[TensorSpec, ...]:
     """The tensors of one block in the pool's order (`layer.tensors()` of each layer), without the block axis."""
     specs = []
-    for layer, blocks in enumerate(block_format.allocate(1, torch.device("meta"))):
+    for layer, blocks in enumerate(block_format.allocate(1, torch.device("meta"))[0]):
         names = _DENSE_NAMES if isinstance(blocks, DenseBlocks) else _QUANTIZED_NAMES
         for name, tensor in zip(names, blocks.tensors(), strict=True):
             specs.append(TensorSpec(layer, name, tuple(tensor.shape[1:]), tensor.dtype))
