@@ -20,6 +20,7 @@ from torch import Tensor
 
 from kv_cache.block_format import BlockFormat, DenseBlocks
 from kv_cache.block_table import BlockTable, SealBatch, WritePlan
+from kv_cache.devices import to_device
 from kv_cache.errors import CacheValidationError
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -76,11 +77,20 @@ def check_states(key: torch.Tensor, value: torch.Tensor, spec: StateSpec) -> Non
         raise CacheValidationError(f"key/value are on {key.device}/{value.device}; this cache lives on {spec.device}")
     if min(key.shape[1], key.shape[3]) == 0 or key.shape[0] == 0:
         raise CacheValidationError(f"key has shape {tuple(key.shape)}; batch, kv_heads and head_dim must be >= 1")
-    if spec.finite and not bool(torch.isfinite(key).all() & torch.isfinite(value).all()):
-        raise CacheValidationError(
-            "key/value hold NaN or Inf; a quantized cache refuses them (they would poison a block's scales). "
-            "Fix the model's numerics, or set check_finite=False to skip this check"
-        )
+    if spec.finite and not bool(finite_flag(key, value)):
+        raise non_finite_states()
+
+
+def finite_flag(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A device bool: whether every key and value is finite (read it with `bool`, a sync, when the answer is due)."""
+    return torch.isfinite(key).all() & torch.isfinite(value).all()
+
+
+def non_finite_states() -> CacheValidationError:
+    return CacheValidationError(
+        "key/value hold NaN or Inf; a quantized cache refuses them (they would poison a block's scales). "
+        "Fix the model's numerics, or set check_finite=False to skip this check"
+    )
 
 
 def token_rows(states: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -210,10 +220,11 @@ def _slot_runs(table: BlockTable, positions: tuple[int, int], size: int, target:
 
 def expand_runs(runs: list[Run], device: torch.device) -> tuple[Tensor, Tensor]:
     """Index pairs of `runs`: `(first + t, second + t)` for `t < tokens` of each run, as two `[sum of tokens]`
-    int64 tensors on `device` (built on the host with a few vector ops, copied to the device once)."""
+    int64 tensors on `device` (built on the host with a few vector ops, copied to the device once, without a
+    sync)."""
     spans = torch.tensor(runs, dtype=torch.long)  # [runs, 3]
     lengths = spans[:, 2]
     offsets = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
     pairs = torch.repeat_interleave(spans[:, :2], lengths, dim=0).T + offsets
-    firsts, seconds = pairs.to(device)
+    firsts, seconds = to_device(pairs, device)
     return firsts, seconds

@@ -22,6 +22,14 @@ def device_tensor(data: Sequence[Any], dtype: torch.dtype, device: torch.device)
     return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; for CUDA through page-locked memory, without blocking the host (see
+    `device_tensor`)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def available_devices() -> list[str]:
     """Names of the devices this process can use, e.g. `["cuda:0", "cuda:1", "cpu"]`."""
     names = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []

@@ -46,7 +46,16 @@ import torch
 from kv_cache.attention.paged_kv import PagedKV
 from kv_cache.attention_mass import AttentionMass, compact, kept_tokens, token_slots
 from kv_cache.block_format import BlockFormat
-from kv_cache.block_io import StateSpec, TokenRows, check_states, dense_write, token_rows, write_slots
+from kv_cache.block_io import (
+    StateSpec,
+    TokenRows,
+    check_states,
+    dense_write,
+    finite_flag,
+    non_finite_states,
+    token_rows,
+    write_slots,
+)
 from kv_cache.block_pool import BlockPool
 from kv_cache.block_table import BlockTable, SealBatch, WritePlan, blocks_needed, plan_append
 from kv_cache.block_views import VersionedCache, ViewRows, view_rows
@@ -363,7 +372,11 @@ class KVStore:
             key, value: `[batch, kv_heads, tokens, head_dim]`, the model's float dtype, on the pool's device.
         """
         with self._lock:
-            self.validate_inputs(seq_ids, layer, key, value)
+            # The NaN/Inf check of a quantized store reads a device flag: deferred to the sealing sync if this
+            # append seals (one sync, not two), else read before the first write. The first append checks first.
+            deferred = self.pool is not None and self._checks_finite
+            self.validate_inputs(seq_ids, layer, key, value, check_values=not deferred)
+            finite = finite_flag(key, value) if deferred else None
             if self.config.cache_mode is CacheMode.INFERENCE:
                 key, value = key.detach(), value.detach()  # the cache stores values, not autograd history
             if self.pool is None:
@@ -379,8 +392,10 @@ class KVStore:
                 self._mass.reserve(seq_ids, layer, count)
             slots = self._in_place_slots(tables, layer, count)
             if slots is None:
-                self._append_planned(tables, layer, rows, count)
+                self._append_planned(tables, layer, rows, count, rows_finite=finite)
             else:  # a decode step or a chunk after the first layer: the blocks are there, nothing to plan
+                if finite is not None and not bool(finite):
+                    raise non_finite_states()
                 write_slots(self.pool.dense(layer), slots, rows, self._slot_tensor)
             for table in tables:
                 table.layer_lengths[layer] += count
@@ -388,20 +403,29 @@ class KVStore:
                 self._mass.grow(seq_ids, layer, count)
 
     def _append_planned(
-        self, tables: list[BlockTable], layer: int, rows: TokenRows | None, count: int, sealing: int | None = None
+        self,
+        tables: list[BlockTable],
+        layer: int,
+        rows: TokenRows | None,
+        count: int,
+        sealing: int | None = None,
+        rows_finite: torch.Tensor | None = None,
     ) -> None:
         """Write `count` new tokens per table, `rows` (`[batch * count, kv_heads, head_dim]`, storage dtype), of
         `layer` after planning where they go: allocate blocks, copy shared ones, seal what leaves the residual
         window (as after `sealing` tokens, if given: `reserve`'s padding does not count). `rows=None` plans and
         seals only (`reserve`: the caller writes the tokens; nothing sealed may include them). Lengths are the
         caller's. Quantizing reads the blocks as they are; the block changes and the index tensors built on them
-        are undone if one fails; the pools are written last (module docstring)."""
+        are undone if one fails; the pools are written last (module docstring). `rows_finite`: the device flag of
+        `append`'s deferred NaN/Inf check, read (a sync) before anything is written."""
         pool, sealer = self.pool, self.sealer
         assert pool is not None
         plans = [self._plan(table, layer, count, sealing) for table in tables]
         seals = sealer.plan(tables, plans, layer) if sealer else []
         self._check_capacity(tables, plans, seals)
-        encoded = sealer.encode(seals, rows) if seals and sealer else []
+        if rows_finite is not None and not seals and not bool(rows_finite):
+            raise non_finite_states()
+        encoded = sealer.encode(seals, rows, rows_finite) if seals and sealer else []
         with self._atomic(tables):
             sealed = sealer.assign(seals, encoded) if seals and sealer else None
             if sealed is not None:
@@ -788,11 +812,17 @@ class KVStore:
             self._version += 1
 
     def validate_inputs(
-        self, seq_ids: Sequence[int] | None, layer: int, key: torch.Tensor, value: torch.Tensor
+        self,
+        seq_ids: Sequence[int] | None,
+        layer: int,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        check_values: bool = True,
     ) -> None:
         """Raise `CacheValidationError` unless `append(seq_ids, layer, key, value)` would accept these inputs.
 
-        `seq_ids=None` checks everything but the batch size.
+        `seq_ids=None` checks everything but the batch size; `check_values=False` everything but NaN/Inf (a quantized
+        store's check, a device sync).
         """
         self._layer(layer)
         if seq_ids is not None and len(set(seq_ids)) != len(seq_ids):
@@ -802,9 +832,14 @@ class KVStore:
             block_format=None if self.pool is None else self.pool.block_format,
             dtype=self.model_dtype,
             device=self.pool.device if self.pool is not None else self._configured_device(),
-            finite=self.layer_bits is not None and self.config.check_finite,
+            finite=check_values and self._checks_finite,
         )
         check_states(key, value, expected)
+
+    @property
+    def _checks_finite(self) -> bool:
+        """Whether appends refuse NaN/Inf (quantized stores, unless `check_finite=False`)."""
+        return self.layer_bits is not None and self.config.check_finite
 
     def _configured_device(self) -> torch.device | None:
         return None if self.config.device == "auto" else self.config.resolved_device()

@@ -41,6 +41,7 @@ arXiv:2402.02750) — keys per channel, values per token, a full-precision windo
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -309,11 +310,11 @@ def _to_fp16(x: torch.Tensor, direction: float) -> torch.Tensor:
     return torch.where(overshot, torch.nextafter(nearest, torch.full_like(nearest, direction)), nearest)
 
 
-def stats_finite(stats: list[torch.Tensor]) -> bool:
-    """Whether every scale/zero tensor in `stats` is finite: one device sync however many there are."""
-    if not stats:
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in stats]).all())
+def stats_finite(stats: list[torch.Tensor], flags: Sequence[torch.Tensor] = ()) -> bool:
+    """Whether every scale/zero tensor in `stats` is finite and every device bool in `flags` is true: one device
+    sync however many there are."""
+    checks = [torch.isfinite(t).all() for t in stats] + list(flags)
+    return not checks or bool(torch.stack(checks).all())
 
 
 def _check_finite(x: torch.Tensor, name: str, scale: torch.Tensor, zero: torch.Tensor) -> None:

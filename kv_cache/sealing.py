@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from kv_cache.block_format import LayerStack
-from kv_cache.block_io import TokenRows, gather_sealed
+from kv_cache.block_io import TokenRows, gather_sealed, non_finite_states
 from kv_cache.block_pool import BlockPool
 from kv_cache.block_table import BlockTable, SealBatch, WritePlan, plan_append
 from kv_cache.devices import device_tensor
@@ -107,13 +107,16 @@ class Sealer:
             for table, logicals in written.values()
         ]
 
-    def encode(self, seals: list[SealBatch], rows: TokenRows | None) -> list[EncodedSeals]:
+    def encode(
+        self, seals: list[SealBatch], rows: TokenRows | None, rows_finite: torch.Tensor | None = None
+    ) -> list[EncodedSeals]:
         """Quantize every batch in `seals` (the new `rows`, if given, feed the batch that has `rows`): reads blocks,
         changes nothing, so a block that cannot be sealed (NaN/Inf) or a failing allocation raises before anything
         does.
 
         The layers of one bit width are gathered and quantized together (quantization is per block, so this is
-        exactly the per-layer result), and all scales and zeros are checked with one device sync.
+        exactly the per-layer result), and all scales and zeros are checked with one device sync, together with
+        `rows_finite` (the append's check of its new rows, `block_io.finite_flag`) when given.
         """
         by_bits: dict[int, list[int]] = {}
         for index, seal in enumerate(seals):
@@ -125,7 +128,10 @@ class Sealer:
             storage = self.quantized_pool.quantized(seals[indices[0]].layer)
             encoded.append(EncodedSeals(indices, storage.encode(keys, values, check=False)))
             gathered.append((storage, keys, values))
-        if not stats_finite([stats for group in encoded for stats in group.stats()]):
+        flags = [] if rows_finite is None else [rows_finite]
+        if not stats_finite([stats for group in encoded for stats in group.stats()], flags):
+            if rows_finite is not None and not bool(rows_finite):
+                raise non_finite_states()
             for storage, keys, values in gathered:  # find the culprit, word the error
                 storage.encode(keys, values, check=True)
         return encoded

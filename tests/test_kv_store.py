@@ -275,7 +275,9 @@ def test_a_chunk_over_several_blocks_is_planned_once_then_written_in_place(
     monkeypatch.setattr(
         store,
         "_append_planned",
-        lambda tables, layer, rows, count: planned.append(layer) or plan(tables, layer, rows, count),
+        lambda tables, layer, rows, count, **options: (
+            planned.append(layer) or plan(tables, layer, rows, count, **options)
+        ),
     )
     for layer in range(3):
         store.append(seqs, layer, first_k, first_v)

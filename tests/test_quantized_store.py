@@ -170,6 +170,31 @@ def test_non_finite_input_is_rejected_and_changes_nothing() -> None:
     store.check_invariants()
 
 
+@pytest.mark.parametrize(
+    ("held", "new"),
+    [(17, 1), (15, 2), (20, 20)],
+    ids=["in place (a decode token)", "planned, no seal (a new block)", "planned and sealing"],
+)
+def test_non_finite_input_is_refused_on_every_append_path(held: int, new: int) -> None:
+    """After the first append the NaN/Inf check reads a device flag late (with the seal's own check when the
+    append seals): every path still refuses before anything is written."""
+    store = KVStore(config(), num_layers=2)
+    seq = [store.add_sequence()]
+    gen = torch.Generator().manual_seed(4)
+    keys, values = torch.randn(1, HEADS, held, DIM, generator=gen), torch.randn(1, HEADS, held, DIM, generator=gen)
+    for layer in range(2):
+        store.append(seq, layer, keys, values)
+    before = [store.read(seq, layer) for layer in range(2)]
+    bad = torch.randn(1, HEADS, new, DIM, generator=gen)
+    bad[0, 0, -1, 1] = float("inf")
+    with pytest.raises(CacheValidationError, match="NaN or Inf"):
+        store.append(seq, 0, torch.randn(1, HEADS, new, DIM, generator=gen), bad)
+    store.check_invariants()
+    assert store.num_tokens(seq[0], 0) == held and store.num_sealed(seq[0], 0) == store.num_sealed(seq[0], 1)
+    for layer in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(store.read(seq, layer), before[layer], strict=True))
+
+
 def test_non_finite_with_the_check_off_fails_at_sealing_without_storing() -> None:
     store = KVStore(config(check_finite=False), num_layers=1)
     seq = [store.add_sequence()]
