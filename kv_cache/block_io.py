@@ -11,7 +11,6 @@ only copy in place. The store builds everything first and writes last (see `kv_s
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -101,18 +100,22 @@ def token_rows(states: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return rows if rows.dtype == dtype else rows.to(dtype)  # the check is cheaper than a no-op `to` per decode step
 
 
-def write_slots(
-    dense: DenseBlocks, slots: tuple[int, ...], rows: TokenRows, to_tensor: Callable[[tuple[int, ...]], Tensor]
+def write_runs(
+    dense: DenseBlocks,
+    runs: tuple[tuple[int, int], ...],
+    rows: TokenRows,
+    to_tensor: Callable[[tuple[tuple[int, int], ...]], Tensor],
 ) -> None:
-    """Copy the new tokens `rows` (`[n, kv_heads, head_dim]`) into `slots` (`n` slot ids, row order).
+    """Copy the new tokens `rows` (`[n, kv_heads, head_dim]`) into the slots of `runs` (`(first slot, tokens)`, row
+    order, `n` tokens in all).
 
-    Consecutive slots take one contiguous copy; otherwise `to_tensor` turns the slot ids into an int64 tensor on
-    the pool's device (the store caches them: every layer of a step writes the same slots).
+    One run takes one contiguous copy; otherwise `to_tensor` turns the runs into an int64 slot tensor on the
+    pool's device (the store caches them: every layer of a step writes the same slots).
     """
-    if slots[-1] - slots[0] == len(slots) - 1 and all(b - a == 1 for a, b in itertools.pairwise(slots)):
-        _copy_run(dense, slots[0], len(slots), rows)
+    if len(runs) == 1:
+        _copy_run(dense, runs[0][0], runs[0][1], rows)
         return
-    dense.write(to_tensor(slots), rows[0], rows[1])
+    dense.write(to_tensor(runs), rows[0], rows[1])
 
 
 def _copy_run(dense: DenseBlocks, slot: int, count: int, rows: TokenRows) -> None:
@@ -146,18 +149,20 @@ def dense_write(
     dense: DenseBlocks, tables: list[BlockTable], plans: list[WritePlan], rows: TokenRows
 ) -> SlotWrite | None:
     """Prepare copying each table's tokens `[plan.dense_from, plan.end)` from `rows` (storage dtype) into its
-    full-precision blocks, which the tables must hold already; None when every new token was sealed instead."""
+    full-precision blocks, which the tables must hold already; None when every new token was sealed instead.
+    Tokens that land in consecutive slots from consecutive rows (the blocks of a fresh prompt, usually every row's)
+    take one contiguous copy, without an index tensor."""
     size = dense.keys.shape[1]
-    table, plan = tables[0], plans[0]
-    if len(tables) == 1 and plan.dense_from == plan.start and plan.start // size == (plan.end - 1) // size:
-        return SlotWrite(dense, table.dense_blocks[plan.start // size] * size + plan.start % size, *rows)
     per_table = rows[0].shape[0] // len(tables)
     runs: list[Run] = []
     for index, (table, plan) in enumerate(zip(tables, plans, strict=True)):
         runs += _slot_runs(table, (plan.dense_from, plan.end), size, index * per_table + plan.dense_from - plan.start)
+    runs = _merged(runs)
     if not runs:
         return None
     keys, values = rows
+    if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == keys.shape[0]:
+        return SlotWrite(dense, runs[0][0], keys, values)
     slots, sources = expand_runs(runs, keys.device)
     if sources.shape[0] != keys.shape[0]:  # some new tokens were sealed instead
         keys, values = keys.index_select(0, sources), values.index_select(0, sources)
@@ -216,6 +221,17 @@ def _slot_runs(table: BlockTable, positions: tuple[int, int], size: int, target:
         runs.append((base + table.dense_blocks[logical] * size + offset, target + position - positions[0], length))
         position += length
     return runs
+
+
+def _merged(runs: list[Run]) -> list[Run]:
+    """`runs` with each run that continues the previous one in both indices folded into it."""
+    merged: list[Run] = []
+    for first, second, tokens in runs:
+        if merged and merged[-1][0] + merged[-1][2] == first and merged[-1][1] + merged[-1][2] == second:
+            merged[-1] = (merged[-1][0], merged[-1][1], merged[-1][2] + tokens)
+        else:
+            merged.append((first, second, tokens))
+    return merged
 
 
 def expand_runs(runs: list[Run], device: torch.device) -> tuple[Tensor, Tensor]:

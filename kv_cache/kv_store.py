@@ -28,7 +28,7 @@ phases:
 
 Writing last is what makes the rollback exact: a block released and reallocated within one operation (a sealed
 tail block reused by the same append) is only overwritten after everything read from it. The decode fast path
-(`_in_place_slots`) needs no rollback: it builds its one index tensor before its only write, and changes lengths
+(`_in_place_runs`) needs no rollback: it builds its one index tensor before its only write, and changes lengths
 after it.
 """
 
@@ -54,7 +54,7 @@ from kv_cache.block_io import (
     finite_flag,
     non_finite_states,
     token_rows,
-    write_slots,
+    write_runs,
 )
 from kv_cache.block_pool import BlockPool
 from kv_cache.block_table import BlockTable, SealBatch, WritePlan, blocks_needed, plan_append
@@ -390,13 +390,13 @@ class KVStore:
             rows = (token_rows(key, dtype), token_rows(value, dtype))
             if self._mass is not None:  # room for the new tokens' scores now: `grow` below allocates nothing
                 self._mass.reserve(seq_ids, layer, count)
-            slots = self._in_place_slots(tables, layer, count)
-            if slots is None:
+            runs = self._in_place_runs(tables, layer, count)
+            if runs is None:
                 self._append_planned(tables, layer, rows, count, rows_finite=finite)
             else:  # a decode step or a chunk after the first layer: the blocks are there, nothing to plan
                 if finite is not None and not bool(finite):
                     raise non_finite_states()
-                write_slots(self.pool.dense(layer), slots, rows, self._slot_tensor)
+                write_runs(self.pool.dense(layer), runs, rows, self._slot_tensor)
             for table in tables:
                 table.layer_lengths[layer] += count
             if self._mass is not None:  # a new token has received no attention yet
@@ -538,16 +538,18 @@ class KVStore:
                 if any(self.sealer.target(t, layer, 0) > t.layer_sealed[layer] for t in tables):
                     self._append_planned(tables, layer, None, 0)
 
-    def _in_place_slots(
+    def _in_place_runs(
         self, tables: list[BlockTable], layer: int, count: int, sealing: int | None = None
-    ) -> tuple[int, ...] | None:
-        """Every new token's slot (table by table, `count` each) when the new tokens of `layer` all go into
-        full-precision blocks the table already holds alone and nothing is sealed (in a decode step or a prefill
-        chunk, every layer after the one that allocated the blocks); else None, and `append` plans the write.
-        `sealing`: the tokens that count for sealing (`reserve`'s real ones), `count` by default."""
+    ) -> tuple[tuple[int, int], ...] | None:
+        """Where every new token goes, as `(first slot, tokens)` runs in row order (table by table, `count` each;
+        adjacent runs merged), when the new tokens of `layer` all go into full-precision blocks the table already
+        holds alone and nothing is sealed (in a decode step or a prefill chunk, every layer after the one that
+        allocated the blocks); else None, and `append` plans the write. `sealing`: the tokens that count for
+        sealing (`reserve`'s real ones), `count` by default. A prompt of fresh blocks is usually one run: one copy,
+        and no per-token work on the host."""
         pool, sealer, size, max_tokens = self.pool, self.sealer, self.block_size, self.config.max_tokens
         assert pool is not None
-        slots: list[int] = []
+        runs: list[list[int]] = []
         for table in tables:
             start = table.layer_lengths[layer]
             end = start + count
@@ -561,18 +563,31 @@ class KVStore:
                 if block is None or pool.ref_count(block) > 1:
                     return None
                 shift = (block - logical) * size  # token position -> slot inside this block
-                slots.extend(range(max(start, logical * size) + shift, min(end, (logical + 1) * size) + shift))
-        return tuple(slots)
+                first = max(start, logical * size) + shift
+                tokens = min(end, (logical + 1) * size) + shift - first
+                if runs and runs[-1][0] + runs[-1][1] == first:
+                    runs[-1][1] += tokens
+                else:
+                    runs.append([first, tokens])
+        return tuple((first, tokens) for first, tokens in runs)
 
-    def _slot_tensor(self, slots: tuple[int, ...]) -> torch.Tensor:
-        """`slots` as an int64 tensor on the pool's device, cached: the layers of one decode step write the same
-        slots, so they share one host-to-device copy. The key is the ids themselves, valid at every store version
-        (stored at version 0)."""
+    def _in_place_slots(
+        self, tables: list[BlockTable], layer: int, count: int, sealing: int | None = None
+    ) -> tuple[int, ...] | None:
+        """`_in_place_runs` as every new token's slot (what `reserve` hands its caller)."""
+        runs = self._in_place_runs(tables, layer, count, sealing)
+        return None if runs is None else tuple(slot for first, tokens in runs for slot in range(first, first + tokens))
+
+    def _slot_tensor(self, runs: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        """The slots of `runs` as an int64 tensor on the pool's device, cached: the layers of one decode step write
+        the same slots, so they share one host-to-device copy. The key is the runs themselves, valid at every store
+        version (stored at version 0)."""
         assert self.pool is not None
-        cached = self._slot_tensors.get(slots, 0)
+        cached = self._slot_tensors.get(runs, 0)
         if cached is None:
+            slots = [slot for first, tokens in runs for slot in range(first, first + tokens)]
             tensor = device_tensor(slots, torch.long, self.pool.device)
-            cached = self._slot_tensors.put(slots, 0, tensor)
+            cached = self._slot_tensors.put(runs, 0, tensor)
         return cached
 
     def blocks_needed_for_append(self, seq_id: int, count: int) -> tuple[int, int]:

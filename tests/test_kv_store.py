@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kv_cache import CacheMemoryError, CacheValidationError, KVCacheConfig, KVStore
+from kv_cache.block_format import DenseBlocks
 
 HEADS, DIM = 2, 4
 
@@ -256,6 +257,31 @@ def test_in_place_write_still_copies_a_shared_block() -> None:
         for row, seq in enumerate((parent, child)):
             assert torch.equal(store.read([seq], layer)[0], torch.cat([keys, step_k[row : row + 1]], dim=2))
     assert store.block_ids(child)[1] != store.block_ids(parent)[1]
+    store.check_invariants()
+
+
+def test_in_place_writes_into_adjacent_blocks_take_one_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt's blocks, allocated in one ascending run for both rows, take one contiguous copy per layer (layer 0
+    planning them, layer 1 writing in place); a decode step's tokens in separate blocks go through an index."""
+    gen = torch.Generator().manual_seed(11)
+    store = KVStore(KVCacheConfig(max_tokens=64, block_size=4, device="cpu"), num_layers=2)
+    seqs = [store.add_sequence() for _ in range(2)]
+    indexed: list[int] = []
+    write = DenseBlocks.write
+    monkeypatch.setattr(
+        DenseBlocks, "write", lambda self, slots, k, v: indexed.append(len(slots)) or write(self, slots, k, v)
+    )
+    prompt_k, prompt_v = kv(2, 12, gen)  # three whole blocks per row, allocated in one ascending run
+    step_k, step_v = kv(2, 1, gen)  # a new block per row
+    for keys, values in ((prompt_k, prompt_v), (step_k, step_v)):
+        for layer in range(2):
+            store.append(seqs, layer, keys, values)
+    assert indexed == [2, 2]  # only the decode token, one slot per row, in each layer
+    for layer in range(2):
+        got_k, got_v = store.read(seqs, layer)
+        assert torch.equal(got_k, torch.cat([prompt_k, step_k], 2)) and torch.equal(
+            got_v, torch.cat([prompt_v, step_v], 2)
+        )
     store.check_invariants()
 
 
