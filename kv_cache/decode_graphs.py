@@ -285,6 +285,9 @@ class StepGraph:
                 self.output = self._run()
         except RuntimeError as error:  # an op that syncs or reads data on the host: stay eager, say why once
             self.capture = False
+            # A capture that fails can leave its pool marked as recording in the allocator ("already recording to
+            # mempool_id" at the next capture into it): the cache's later graphs take a fresh pool.
+            cache.graph_pool = None
             warnings.warn(f"decode_graphs: capturing the decode step failed ({error}); it runs eagerly", stacklevel=3)
             return
         self.graph = graph

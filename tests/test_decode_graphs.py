@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 
 from kv_cache import CacheMemoryError, CacheStrategy, CacheValidationError, KVCache, KVCacheConfig, KVStore
 from kv_cache import decode_graphs as decode_graphs_api
-from kv_cache.decode_graphs import decode_graphs, padded_size
+from kv_cache.decode_graphs import StepGraph, decode_graphs, padded_size
 from kv_cache.hf_attention import register_attention
 
 COMMON = {
@@ -293,3 +293,30 @@ def test_cuda_graph_replays_match_eager(fmt: str) -> None:
     assert runner.graph is not None  # captured and replayed
     assert (eager == graphed).float().mean().item() > 0.9  # bf16: near-ties may flip late tokens
     assert torch.equal(eager[:, :45], graphed[:, :45])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_failed_capture_runs_eagerly_and_later_graphs_still_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A capture that fails (here: a device sync inside it, at batch 4) warns and leaves that step eager with the
+    eager path's tokens; the cache's next graph (batch 2) still captures (the failed one's pool is dropped)."""
+    model = build(device="cuda", dtype=torch.bfloat16, hidden=256)
+    options = {"block_size": 16, "max_tokens": 160}
+    run = StepGraph._run
+
+    def syncing_run(self: StepGraph) -> object:
+        if self.static.batch == 4 and torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()  # not allowed while capturing
+        return run(self)
+
+    monkeypatch.setattr(StepGraph, "_run", syncing_run)
+    expected = model.generate(**prompt(4, 21, "cuda"), past_key_values=cache_for(model, "cuda", **options),
+                              max_new_tokens=6, do_sample=False)  # fmt: skip
+    cache = cache_for(model, "cuda", **options)
+    with decode_graphs(model), pytest.warns(UserWarning, match="capturing the decode step failed"):
+        got = model.generate(**prompt(4, 21, "cuda"), past_key_values=cache, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got[:, :25], expected[:, :25])  # bf16: near-ties may flip later tokens
+    cache.reset()
+    with decode_graphs(model):
+        model.generate(**prompt(2, 21, "cuda"), past_key_values=cache, max_new_tokens=6, do_sample=False)
+    graphs = {runner.static.batch: runner.graph for runner in cache.decode_graphs.values()}
+    assert graphs[4] is None and graphs[2] is not None
