@@ -92,8 +92,9 @@ class PagedLayer(CacheLayerMixin):
             if cache.evictor is not None and not paged:  # the paged attention evicts after it has attended
                 cache.evictor.evict(cache.seq_ids, self.layer_idx, incoming=key_states.shape[2])
             cached = cache.store.num_tokens(cache.seq_ids[0], self.layer_idx)
-            fresh = (
-                not self.is_sliding
+            fresh = (  # a decode step stops at `cached`
+                cached == 0
+                and not self.is_sliding
                 and cache.low_rank is None
                 and not any(cache.store.num_tokens(seq_id, self.layer_idx) for seq_id in cache.seq_ids)
             )
