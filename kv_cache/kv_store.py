@@ -122,6 +122,7 @@ class KVStore:
         self._reads: StoreReads | None = None  # made with the pools
         self._mass: AttentionMass | None = None  # for token eviction by LFU/ADAPTIVE
         self._slot_tensors: VersionedCache[torch.Tensor] = VersionedCache()  # slot ids -> their device tensor
+        self._runs: VersionedCache[tuple[tuple[int, int], ...]] = VersionedCache()  # `_in_place_runs`, per step
 
     # ----------------------------------------------------------------------------------------------- setup
     def initialize(
@@ -250,6 +251,7 @@ class KVStore:
                 self.quantized_pool.share(table.quantized_ids)
             self._next_id += 1
             self._tables[new_id] = table
+            self._version += 1  # its blocks are shared now: no layer may write them in place
             return new_id
 
     def replace_rows(self, seq_ids: Sequence[int], sources: Sequence[int]) -> list[int]:
@@ -546,7 +548,29 @@ class KVStore:
         holds alone and nothing is sealed (in a decode step or a prefill chunk, every layer after the one that
         allocated the blocks); else None, and `append` plans the write. `sealing`: the tokens that count for
         sealing (`reserve`'s real ones), `count` by default. A prompt of fresh blocks is usually one run: one copy,
-        and no per-token work on the host."""
+        and no per-token work on the host.
+
+        The answer depends on the tables' blocks and sharing (the store's version: allocation, release, sealing and
+        forks change it) and on each table's length and sealed length in `layer`: the layers of one step share one
+        computation (the first layer's, or the second's after the first allocated)."""
+        key = (
+            tuple(map(id, tables)),
+            tuple(t.layer_lengths[layer] for t in tables),
+            tuple(t.layer_sealed[layer] for t in tables),
+            count,
+            sealing,
+        )
+        runs = self._runs.get(key, self._version)
+        if runs is None:
+            runs = self._find_in_place_runs(tables, layer, count, sealing)
+            if runs is not None:
+                self._runs.put(key, self._version, runs)
+        return runs
+
+    def _find_in_place_runs(
+        self, tables: list[BlockTable], layer: int, count: int, sealing: int | None
+    ) -> tuple[tuple[int, int], ...] | None:
+        """`_in_place_runs`, computed."""
         pool, sealer, size, max_tokens = self.pool, self.sealer, self.block_size, self.config.max_tokens
         assert pool is not None
         runs: list[list[int]] = []
