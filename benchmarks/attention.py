@@ -241,12 +241,12 @@ def sweep(device: str, batch: int = 8, seq_len: int = 16384, formats: tuple[str,
         base = triton_attention.choose_config(query, kv)
         for change, qblock in _variants(fmt, base):
             config = dataclasses.replace(base, **change)
-            try:
-                eager, graph = time_ours(fmt, batch, seq_len, device, config, qblock)
-                rows.append(f"  {fmt:5s} {graph:8.1f} (eager {eager:6.1f})  qblock {qblock}  {config}")
-            except Exception as error:  # report and go on: one bad variant must not end the run
-                rows.append(f"  {fmt:5s}   failed  {config}: {_describe(error)}")
-            print(rows[-1], flush=True)
+
+            def measure(config=config, qblock=qblock) -> str:
+                eager, graph = time_ours(fmt, batch, seq_len, device, config, qblock)  # noqa: B023
+                return f"{graph:8.1f} (eager {eager:6.1f})  qblock {qblock}"
+
+            rows.append(_variant_row(fmt, config, measure))
         torch.cuda.empty_cache()
     return rows
 
@@ -275,14 +275,25 @@ def prefill_sweep(device: str, batch: int, prefix: int, chunk: int, formats: tup
                     changes.append(change)
         for change in changes:
             config = dataclasses.replace(base, **change)
-            try:
+
+            def measure(config=config) -> str:
                 us = _bench(lambda: triton_attention.launch(query, kv, options, config))[1]  # noqa: B023
-                rows.append(f"  {fmt:5s} {us:8.1f}  {sdpa / us:5.2f}x SDPA  {config}")
-            except Exception as error:  # report and go on: one bad variant must not end the run
-                rows.append(f"  {fmt:5s}   failed  {config}: {_describe(error)}")
-            print(rows[-1], flush=True)
+                return f"{us:8.1f}  {sdpa / us:5.2f}x SDPA"
+
+            rows.append(_variant_row(fmt, config, measure))
         torch.cuda.empty_cache()
     return rows
+
+
+def _variant_row(fmt: str, config: triton_attention.KernelConfig, measure) -> str:
+    """`measure()`'s timing text for one launch-parameter variant, printed as it comes; an error (e.g. a compiler
+    crash) is reported instead, so that one bad variant does not end the run."""
+    try:
+        row = f"  {fmt:5s} {measure()}  {config}"
+    except Exception as error:
+        row = f"  {fmt:5s}   failed  {config}: {_describe(error)}"
+    print(row, flush=True)
+    return row
 
 
 def _variants(fmt: str, base: triton_attention.KernelConfig) -> list[tuple[dict, int]]:

@@ -86,8 +86,7 @@ class QuantizedBlocks:
         `tensors()` (the sealer stores them). Raises `CacheValidationError` on NaN/Inf (`check=False`: the caller
         checks the scales and zeros, entries 1, 2, 4 and 5, with `quantizer.stats_finite`).
         """
-        keys_q = quantize_keys(keys, self.bits, check)
-        return (*keys_q, *quantize_values(values, self.bits, self.group_size, check))
+        return (*quantize_keys(keys, self.bits, check), *quantize_values(values, self.bits, self.group_size, check))
 
     def read(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized blocks `[n, block_size, kv_heads, head_dim]` fp32 for `block_ids` `[n]` int64."""

@@ -76,20 +76,22 @@ def check_states(key: torch.Tensor, value: torch.Tensor, spec: StateSpec) -> Non
         raise CacheValidationError(f"key/value are on {key.device}/{value.device}; this cache lives on {spec.device}")
     if min(key.shape[1], key.shape[3]) == 0 or key.shape[0] == 0:
         raise CacheValidationError(f"key has shape {tuple(key.shape)}; batch, kv_heads and head_dim must be >= 1")
-    if spec.finite and not bool(finite_flag(key, value)):
-        raise non_finite_states()
+    if spec.finite:
+        require_finite(finite_flag(key, value))
 
 
 def finite_flag(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """A device bool: whether every key and value is finite (read it with `bool`, a sync, when the answer is due)."""
+    """A device bool: whether every key and value is finite (`require_finite` reads it, a sync, when it is due)."""
     return torch.isfinite(key).all() & torch.isfinite(value).all()
 
 
-def non_finite_states() -> CacheValidationError:
-    return CacheValidationError(
-        "key/value hold NaN or Inf; a quantized cache refuses them (they would poison a block's scales). "
-        "Fix the model's numerics, or set check_finite=False to skip this check"
-    )
+def require_finite(flag: torch.Tensor | None) -> None:
+    """Raise `CacheValidationError` if `finite_flag`'s `flag` is false (None: nothing was checked)."""
+    if flag is not None and not bool(flag):
+        raise CacheValidationError(
+            "key/value hold NaN or Inf; a quantized cache refuses them (they would poison a block's scales). "
+            "Fix the model's numerics, or set check_finite=False to skip this check"
+        )
 
 
 def token_rows(states: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -134,7 +134,7 @@ class StaticStep:
         for offset, column in ((1 + 2 * per_step, rows.tail_lens), (1 + 2 * per_step + batch, sealed_lens)):
             values[offset : offset + count] = column
             values[offset + count : offset + batch] = column[-1]
-        if rows.dense_rows is not None:
+        if rows.dense_rows is not None:  # (with_tables, spelled so that mypy narrows it)
             self._fill(values[self.head :], rows.dense_rows, self.dense_width, "full-precision")
             if rows.sealed_rows is not None:
                 sealed = values[self.head + batch * self.dense_width :]

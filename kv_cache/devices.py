@@ -17,9 +17,7 @@ def device_tensor(data: Sequence[Any], dtype: torch.dtype, device: torch.device)
     """`torch.tensor(data, dtype=dtype)` on `device`. For CUDA it is built in page-locked memory and copied without
     blocking the host: `torch.tensor(..., device="cuda")` copies from pageable memory, which makes the host wait
     until the GPU has drained its queue (the per-step block tables and slots would stall every decode step)."""
-    if device.type != "cuda":
-        return torch.tensor(data, dtype=dtype, device=device)
-    return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    return to_device(torch.tensor(data, dtype=dtype), device)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

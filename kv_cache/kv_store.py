@@ -52,7 +52,7 @@ from kv_cache.block_io import (
     check_states,
     dense_write,
     finite_flag,
-    non_finite_states,
+    require_finite,
     token_rows,
     write_runs,
 )
@@ -396,8 +396,7 @@ class KVStore:
             if runs is None:
                 self._append_planned(tables, layer, rows, count, rows_finite=finite)
             else:  # a decode step or a chunk after the first layer: the blocks are there, nothing to plan
-                if finite is not None and not bool(finite):
-                    raise non_finite_states()
+                require_finite(finite)
                 write_runs(self.pool.dense(layer), runs, rows, self._slot_tensor)
             for table in tables:
                 table.layer_lengths[layer] += count
@@ -425,8 +424,8 @@ class KVStore:
         plans = [self._plan(table, layer, count, sealing) for table in tables]
         seals = sealer.plan(tables, plans, layer) if sealer else []
         self._check_capacity(tables, plans, seals)
-        if rows_finite is not None and not seals and not bool(rows_finite):
-            raise non_finite_states()
+        if not seals:
+            require_finite(rows_finite)
         encoded = sealer.encode(seals, rows, rows_finite) if seals and sealer else []
         with self._atomic(tables):
             sealed = sealer.assign(seals, encoded) if seals and sealer else None
@@ -600,7 +599,7 @@ class KVStore:
     ) -> tuple[int, ...] | None:
         """`_in_place_runs` as every new token's slot (what `reserve` hands its caller)."""
         runs = self._in_place_runs(tables, layer, count, sealing)
-        return None if runs is None else tuple(slot for first, tokens in runs for slot in range(first, first + tokens))
+        return None if runs is None else _slots_of(runs)
 
     def _slot_tensor(self, runs: tuple[tuple[int, int], ...]) -> torch.Tensor:
         """The slots of `runs` as an int64 tensor on the pool's device, cached: the layers of one decode step write
@@ -609,8 +608,7 @@ class KVStore:
         assert self.pool is not None
         cached = self._slot_tensors.get(runs, 0)
         if cached is None:
-            slots = [slot for first, tokens in runs for slot in range(first, first + tokens)]
-            tensor = device_tensor(slots, torch.long, self.pool.device)
+            tensor = device_tensor(_slots_of(runs), torch.long, self.pool.device)
             cached = self._slot_tensors.put(runs, 0, tensor)
         return cached
 
@@ -882,6 +880,11 @@ class KVStore:
 
     def _configured_device(self) -> torch.device | None:
         return None if self.config.device == "auto" else self.config.resolved_device()
+
+
+def _slots_of(runs: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
+    """Every slot of `(first slot, tokens)` runs, in order."""
+    return tuple(slot for first, tokens in runs for slot in range(first, first + tokens))
 
 
 def _check_keep(keep: torch.Tensor, kv_heads: int, lengths: list[int]) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from kv_cache.block_format import LayerStack
-from kv_cache.block_io import TokenRows, gather_sealed, non_finite_states
+from kv_cache.block_io import TokenRows, gather_sealed, require_finite
 from kv_cache.block_pool import BlockPool
 from kv_cache.block_table import BlockTable, SealBatch, WritePlan, plan_append
 from kv_cache.devices import device_tensor
@@ -130,8 +130,7 @@ class Sealer:
             gathered.append((storage, keys, values))
         flags = [] if rows_finite is None else [rows_finite]
         if not stats_finite([stats for group in encoded for stats in group.stats()], flags):
-            if rows_finite is not None and not bool(rows_finite):
-                raise non_finite_states()
+            require_finite(rows_finite)
             for storage, keys, values in gathered:  # find the culprit, word the error
                 storage.encode(keys, values, check=True)
         return encoded
