@@ -12,15 +12,22 @@ bf16 (16-token blocks) and INT4 (64-token blocks, the newest 128 to 191 tokens i
 
     TRITON_INTERPRET=1 is set by this script:  .venv/bin/python benchmarks/attention_host.py
     (from a copy of the repository: PYTHONPATH=. so that its `kv_cache` is imported, not the installed one)
+
+With `--cuda` (on a GPU; the interpreter is not set) the same two decode calls run for real, kernels launched:
+the best over repeats of the mean wall time per call of `triton_attention.decode` with its cached plan, i.e. the
+whole host path including Triton's launches (the GPU keeps up at this size: the call is host-bound).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the launcher accepts CPU tensors
+if "--cuda" not in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the launcher accepts CPU tensors
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -114,7 +121,9 @@ def hf_call(query: torch.Tensor, kv: Any) -> Callable[[], object]:
     from kv_cache import hf_attention
 
     store = SimpleNamespace(paged_kv=lambda seq_ids, layer: kv)
-    cache = SimpleNamespace(seq_ids=list(range(BATCH)), store=store, evictor=None, config=None)
+    cache = SimpleNamespace(
+        seq_ids=list(range(BATCH)), store=store, evictor=None, config=None, graph_step=None, low_rank=None
+    )
     module = SimpleNamespace(layer_idx=3)
     hf_query = query[:, :, None]  # [batch, q_heads, 1, head_dim]
 
@@ -125,12 +134,42 @@ def hf_call(query: torch.Tensor, kv: Any) -> Callable[[], object]:
     return call
 
 
+def on_cuda(value: Any) -> Any:
+    """A tensor, or a dataclass of tensors (`PagedKV`, `QuantizedKV`), moved to the GPU."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(
+            value, **{f.name: on_cuda(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        )
+    return value.cuda() if isinstance(value, torch.Tensor) else value
+
+
+def cuda_main(calls: int, repeats: int) -> None:
+    """Wall time per real decode call on the GPU, per format."""
+    from kv_cache.attention import triton_attention
+
+    print(f"host us per decode call on {torch.cuda.get_device_name()}, kernels launched (B={BATCH}, {TOKENS} tokens)")
+    for fmt in ("bf16", "int4"):
+        query, kv = make_kv(fmt)
+        query, kv = query.cuda(), on_cuda(kv)
+
+        def call(q: torch.Tensor = query, k: Any = kv) -> object:
+            return triton_attention.decode(q, k, scale=0.125)
+
+        us = per_call_us(call, calls, repeats)
+        torch.cuda.synchronize()
+        print(f"{fmt:8}{us:10.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--cuda", action="store_true", help="launch on the GPU (see the module docstring)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.cuda:
+        cuda_main(args.calls, args.repeats)
+        return
 
     from kv_cache import attention
     from kv_cache.attention import triton_attention

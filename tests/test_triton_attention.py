@@ -46,7 +46,7 @@ from test_attention import (
     spec_for,
 )
 
-from kv_cache.attention import reference
+from kv_cache.attention import launches, reference
 from kv_cache.attention.paged_kv import AttentionOptions
 from kv_cache.errors import CacheValidationError
 
@@ -121,6 +121,23 @@ def test_kernels_are_interpreted_without_cuda(triton_attention: ModuleType) -> N
 def test_matches_dense(triton_attention: ModuleType, fmt: str, mode: str, group: int, length: str) -> None:
     case = make_case(triton_spec(fmt, mode, group, length, kv_heads=1), BACKEND.device)
     check_against_dense(triton_attention, case, mode, AttentionOptions(), TOLERANCE[fmt], with_mass=False)
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+@pytest.mark.parametrize("fmt", ["bf16", "int4", "int2"])
+def test_repeated_launches_match_dense(
+    triton_attention: ModuleType, monkeypatch: pytest.MonkeyPatch, fmt: str, mode: str
+) -> None:
+    """A plan's later launches (on CUDA: straight to the compiled launchers, `launches.Launches`) give what its first
+    did, on fresh inputs of the same layout; with a split, the reduce kernel's launches too."""
+    monkeypatch.setattr(triton_attention, "_PLANS", {})
+    case = make_case(triton_spec(fmt, mode, 4, "several", seed=3), BACKEND.device)
+    for _ in range(3):
+        check_against_dense(triton_attention, case, mode, AttentionOptions(), TOLERANCE[fmt], with_mass=False)
+        case.query.copy_(torch.randn_like(case.query))
+    (plan,) = triton_attention._PLANS.values()
+    held = 0 if BACKEND.device == "cpu" or not launches.FAST_LAUNCH else 1 if plan.direct else 2
+    assert len(plan.launches) == held  # the attention kernel's launcher, and the reduce kernel's after a split
 
 
 @pytest.mark.parametrize("mode", ["decode", "prefill"])

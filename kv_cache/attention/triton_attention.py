@@ -16,7 +16,8 @@ a CUDA graph. The mass needs the longest sequence length for its width: one sync
 Host cost per call: these checks, the kernel configuration, the grid and the kernels' scalar and constexpr
 arguments depend only on the tensors' shapes, strides, dtypes and devices and on the options, so `cached_plan`
 computes them once per distinct key (`LaunchPlan`) and a call then costs a key, a dict lookup, its buffers
-(allocated per call: the output is the caller's) and the launches.
+(allocated per call: the output is the caller's) and the launches, which after a plan's first go straight to the
+compiled kernels' launchers (`launches.Launches`: Triton's own binding of ~50 arguments is skipped).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ import triton
 import triton.language as tl
 
 from kv_cache.attention import triton_kernels as kernels
+from kv_cache.attention.launches import Launches
 from kv_cache.attention.paged_kv import AttentionOptions, AttentionOutput, PagedKV, QuantizedKV, validate
 from kv_cache.errors import CacheValidationError
 from kv_cache.quantizer import SUPPORTED_BITS
@@ -127,7 +129,8 @@ class LaunchPlan:
     direct: one split over full-precision blocks, so the kernel writes the output itself (no partials, no
     reduce). rows: query rows, batch x q_heads x q_len. split_args: the kernel's integer and float arguments
     after the tensors, with mass_len (the only one read from data) at `MASS_LEN_ARG`. constants: its constexprs
-    and launch options, MODE excepted.
+    and launch options, MODE excepted. launches: the compiled kernels of this plan's launches (`Launches`: the
+    plan fixes every argument Triton specialises on but the tensors' alignment, which `Launches` adds).
     """
 
     config: KernelConfig
@@ -138,6 +141,7 @@ class LaunchPlan:
     output_shape: tuple[int, ...]
     split_args: tuple[float, ...]
     constants: dict[str, Any]
+    launches: Launches = field(default_factory=Launches, compare=False, repr=False)
 
     @property
     def num_splits(self) -> int:
@@ -257,14 +261,15 @@ def run(
          part.block_table, part.seq_lens) if part is not None else (None,) * 8
     )  # fmt: skip
     tensors = (kv.key_cache, kv.value_cache, kv.block_table, kv.seq_lens, *quant)
-    mode = kernels.MODE_DIRECT if plan.direct else kernels.MODE_SPLIT
-    kernels.paged_attention_kernel[plan.grid](
-        query, output, lse, partial, stats, None, *tensors, *plan.split_args, MODE=mode.value, **plan.constants
-    )
+    mode = (kernels.MODE_DIRECT if plan.direct else kernels.MODE_SPLIT).value
+    plan.launches.launch(
+        kernels.paged_attention_kernel, plan.grid, (query, output, lse, partial, stats, None, *tensors,
+        *plan.split_args), {"MODE": mode, **plan.constants}, key=mode,
+    )  # fmt: skip
     if partial is not None:
-        kernels.reduce_splits_kernel[(plan.rows,)](
-            partial, stats, output, lse, plan.num_splits, HEAD_DIM=plan.head_dim,
-            SPLITS_PAD=triton.next_power_of_2(plan.num_splits),
+        plan.launches.launch(
+            kernels.reduce_splits_kernel, (plan.rows,), (partial, stats, output, lse, plan.num_splits),
+            {"HEAD_DIM": plan.head_dim, "SPLITS_PAD": triton.next_power_of_2(plan.num_splits)}, key="reduce",
         )  # fmt: skip
     if not return_attention_mass:
         return output, None
