@@ -101,7 +101,7 @@ class PagedLayer(CacheLayerMixin):
             stored = key_states, value_states
             if cache.low_rank is not None:  # the blocks hold coefficients on the layer's bases
                 stored = cache.low_rank.compress(self.layer_idx, *stored)
-            cache.store.append(cache.seq_ids, self.layer_idx, *stored)
+            cache.store.append(cache.seq_ids, self.layer_idx, *stored, seal=not cache.seal_after_step)
             if paged:  # the attention function reads the blocks itself
                 hand_off(cache, self.layer_idx)
             if paged or fresh:  # (a fresh prompt attends its own exact states)
@@ -174,6 +174,9 @@ class KVCache(Cache):
         compressor = self.config.compressor
         self.low_rank = LowRankProjection(compressor, self.num_layers) if compressor is not None else None
         self.seq_ids: list[int] | None = None
+        # True while a forward's appends leave every token in full precision, to be sealed by the caller after the
+        # step, all layers at once (`KVStore.append(..., seal=False)`; the engine's long prefill chunks)
+        self.seal_after_step = False
         # decode_graphs: the static step being run or captured, the graphs by key, their memory pool, the rows checked
         # unpadded
         self.graph_step: StaticStep | None = None

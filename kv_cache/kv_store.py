@@ -365,20 +365,26 @@ class KVStore:
 
     # ---------------------------------------------------------------------------------------- write / read
     @_memory_errors
-    def append(self, seq_ids: Sequence[int], layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+    def append(
+        self, seq_ids: Sequence[int], layer: int, key: torch.Tensor, value: torch.Tensor, seal: bool = True
+    ) -> None:
         """Append `tokens` new tokens to each sequence in `layer`.
 
         Args:
             seq_ids: one sequence id per batch row.
             layer: layer index in `[0, num_layers)`.
             key, value: `[batch, kv_heads, tokens, head_dim]`, the model's float dtype, on the pool's device.
+            seal: False leaves every new token in full precision, whatever the residual window, and skips the
+                NaN/Inf check (the seal checks what it quantizes): the caller calls `seal(seq_ids)` once every
+                layer holds its tokens, which seals all layers together (one sync instead of one per layer).
+                `fits_unsealed` says whether the tail pool has the room.
         """
         with self._lock:
             # The NaN/Inf check of a quantized store reads a device flag: deferred to the sealing sync if this
             # append seals (one sync, not two), else read before the first write. The first append checks first.
             deferred = self.pool is not None and self._checks_finite
-            self.validate_inputs(seq_ids, layer, key, value, check_values=not deferred)
-            finite = finite_flag(key, value) if deferred else None
+            self.validate_inputs(seq_ids, layer, key, value, check_values=not deferred and seal)
+            finite = finite_flag(key, value) if deferred and seal else None
             if self.config.cache_mode is CacheMode.INFERENCE:
                 key, value = key.detach(), value.detach()  # the cache stores values, not autograd history
             if self.pool is None:
@@ -392,9 +398,10 @@ class KVStore:
             rows = (token_rows(key, dtype), token_rows(value, dtype))
             if self._mass is not None:  # room for the new tokens' scores now: `grow` below allocates nothing
                 self._mass.reserve(seq_ids, layer, count)
-            runs = self._in_place_runs(tables, layer, count)
+            sealing = None if seal else 0
+            runs = self._in_place_runs(tables, layer, count, sealing)
             if runs is None:
-                self._append_planned(tables, layer, rows, count, rows_finite=finite)
+                self._append_planned(tables, layer, rows, count, sealing=sealing, rows_finite=finite)
             else:  # a decode step or a chunk after the first layer: the blocks are there, nothing to plan
                 require_finite(finite)
                 write_runs(self.pool.dense(layer), runs, rows, self._slot_tensor)
@@ -538,6 +545,19 @@ class KVStore:
             for layer in range(self.num_layers):
                 if any(self.sealer.target(t, layer, 0) > t.layer_sealed[layer] for t in tables):
                     self._append_planned(tables, layer, None, 0)
+
+    def fits_unsealed(self, seq_ids: Sequence[int], count: int) -> bool:
+        """Whether `count` more tokens per sequence fit in the full-precision pool with nothing sealed (`append(...,
+        seal=False)` in every layer; the layers share their blocks). Needs every layer of each sequence at the same
+        length, as between model steps."""
+        with self._lock:
+            if self.pool is None:
+                return False
+            tables = [self._table(s) for s in seq_ids]
+            plans = [self._plan(table, 0, count, 0) for table in tables]
+            if any(t.layer_lengths[0] + count > self.config.max_tokens for t in tables):
+                return False
+            return self._needs(tables, plans, [])[0] <= self.pool.num_free
 
     def _in_place_runs(
         self, tables: list[BlockTable], layer: int, count: int, sealing: int | None = None

@@ -120,6 +120,38 @@ def test_swap_restores_a_quantized_store_bit_for_bit(model: PreTrainedModel) -> 
     assert engine.get_stats()["preempted_swap"] > 0 and engine.store.quantized_pool is not None
 
 
+def test_a_long_fresh_quantized_prompt_is_sealed_once_after_the_step(
+    model: PreTrainedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An eager prefill chunk that starts a prompt and is longer than the window is written whole in full precision
+    and sealed after the forward, one seal for every layer; later chunks seal layer by layer. The tokens are those
+    of sealing layer by layer throughout (the fresh chunk attends its exact states either way)."""
+    quantized = {"use_quantization": True, "quantization_bits": 4, "block_size": 16, "residual_tokens": 32,
+                 "quantization_group_size": 32, "max_tokens": 256, "device": "cpu", "num_blocks": 64}  # fmt: skip
+    prompt, sampling = prompts(1, seed=5, longest=100, prefix="import os\n" * 12)[0], SamplingParams(max_new_tokens=8)
+
+    def run(defer: bool) -> tuple[list[int], list[str]]:
+        settings = EngineConfig(invariant_check=STRICT, prefill_chunk_size=48, decode_graphs=False)
+        engine = KVCacheEngine(model, KVCacheConfig(**quantized), settings)  # type: ignore[arg-type]
+        sealer = engine.store.sealer
+        assert sealer is not None
+        calls: list[str] = []
+        for name in ("seal", "append"):
+            method = getattr(engine.store, name)
+            monkeypatch.setattr(engine.store, name, lambda *a, _m=method, _n=name, **k: calls.append(_n) or _m(*a, **k))
+        encode = sealer.encode
+        monkeypatch.setattr(sealer, "encode", lambda *args: calls.append("encode") or encode(*args))
+        if not defer:
+            monkeypatch.setattr(engine.store, "fits_unsealed", lambda *args: False)
+        return engine.generate([prompt], sampling)[0], calls
+
+    tokens, calls = run(defer=True)
+    layers = model.config.num_hidden_layers
+    assert len(prompt) > 96 and calls[: layers + 2] == ["append"] * layers + ["seal", "encode"]
+    assert calls[layers + 2 : 3 * layers + 2] == ["append", "encode"] * layers  # chunk 2: each layer seals
+    assert tokens == run(defer=False)[0]
+
+
 def test_abort_frees_waiting_running_and_swapped_requests(model: PreTrainedModel) -> None:
     engine = make_engine(model, num_blocks=14, preemption_mode="swap", cpu_tier_blocks=64, max_num_seqs=4)
     ids = [engine.add_request(p, SamplingParams(max_new_tokens=60)) for p in prompts(6, seed=4)]

@@ -119,6 +119,70 @@ def test_one_seal_over_every_layer_matches_the_reference(layer_bits: dict[int, i
         assert_matches(store, seqs, layer, keys, values, bits[layer])
 
 
+@pytest.mark.parametrize("layer_bits", [None, {0: 8, -1: 2}])
+def test_a_chunk_appended_unsealed_then_sealed_once_equals_sealing_per_layer(
+    layer_bits: dict[int, int] | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`append(..., seal=False)` in every layer keeps a 45-token chunk in full precision (past the 16-token window);
+    `seal` then seals all layers in one encode, and every layer holds exactly what sealing per layer stores."""
+    gen = torch.Generator().manual_seed(4)
+    keys, values = torch.randn(2, HEADS, 50, DIM, generator=gen), torch.randn(2, HEADS, 50, DIM, generator=gen)
+    stores = [KVStore(config(layer_bits=layer_bits), num_layers=4) for _ in range(2)]
+    for store in stores:  # room for the chunk in the tail pool
+        store.initialize(HEADS, DIM, torch.float32, torch.device("cpu"), batch_size=2, spare_tokens=64)
+        seqs = [store.add_sequence(), store.add_sequence()]
+        for layer in range(4):
+            store.append(seqs, layer, keys[:, :, :5], values[:, :, :5])
+    per_layer, deferred = stores
+    for layer in range(4):
+        per_layer.append(seqs, layer, keys[:, :, 5:], values[:, :, 5:])
+    assert deferred.fits_unsealed(seqs, 45)
+    encodes: list[int] = []
+    assert deferred.sealer is not None
+    encode = deferred.sealer.encode
+    monkeypatch.setattr(deferred.sealer, "encode", lambda *args: encodes.append(1) or encode(*args))
+    for layer in range(4):
+        deferred.append(seqs, layer, keys[:, :, 5:], values[:, :, 5:], seal=False)
+        assert deferred.num_sealed(seqs[0], layer) == 0 and deferred.num_tokens(seqs[0], layer) == 50
+    assert deferred.quantized_pool is not None and deferred.quantized_pool.num_used == 0 and not encodes
+    deferred.seal(seqs)
+    assert len(encodes) == 1  # layer 0's seal covers the other layers' whole blocks too
+    for store in stores:
+        store.check_invariants()
+        for layer in range(4):
+            assert_matches(store, seqs, layer, keys, values, store.layer_bits[layer])
+    for layer in range(4):
+        for got, want in zip(deferred.read(seqs, layer), per_layer.read(seqs, layer), strict=True):
+            assert torch.equal(got, want)
+    assert deferred.pool is not None and per_layer.pool is not None
+    assert deferred.pool.num_used == per_layer.pool.num_used
+
+
+def test_fits_unsealed_counts_the_tail_pool() -> None:
+    store = KVStore(config(), num_layers=2)
+    store.initialize(HEADS, DIM, torch.float32, torch.device("cpu"), batch_size=1, spare_tokens=40)
+    seq = [store.add_sequence()]
+    assert store.pool is not None and store.pool.num_free == WINDOW // BLOCK + 3 + 5
+    assert store.fits_unsealed(seq, 80) and not store.fits_unsealed(seq, 81)  # 10 free blocks of 8 tokens
+    store.append(seq, 0, torch.randn(1, HEADS, 9, DIM), torch.randn(1, HEADS, 9, DIM))
+    store.append(seq, 1, torch.randn(1, HEADS, 9, DIM), torch.randn(1, HEADS, 9, DIM))
+    assert store.fits_unsealed(seq, 71) and not store.fits_unsealed(seq, 72)  # 2 blocks held, 7 tokens left in one
+
+
+def test_a_non_finite_chunk_appended_unsealed_fails_at_the_seal_without_storing() -> None:
+    store = KVStore(config(), num_layers=2)
+    seq = [store.add_sequence()]
+    bad = torch.randn(1, HEADS, 40, DIM)
+    bad[0, 1, 3, 2] = float("nan")
+    for layer in range(2):
+        store.append(seq, layer, bad, bad, seal=False)  # unchecked: the seal checks what it quantizes
+    with pytest.raises(CacheValidationError, match=r"NaN|Inf|non-finite"):
+        store.seal(seq)
+    assert store.quantized_pool is not None and store.quantized_pool.num_used == 0
+    assert [store.num_sealed(seq[0], layer) for layer in range(2)] == [0, 0]
+    store.check_invariants()
+
+
 def test_fork_shares_sealed_blocks_and_copies_the_tail_on_write() -> None:
     gen = torch.Generator().manual_seed(2)
     store = KVStore(config(), num_layers=1)

@@ -91,8 +91,8 @@ class KVCacheEngine:
         model.set_attn_implementation(register_attention())
         graphs = engine_config.decode_graphs
         self._graphs = self.device.type == "cuda" if graphs is None else graphs
-        # Step graphs seal a long quantized chunk after writing it whole: room for one chunk in the tail pool.
-        spare = PREFILL_GRAPH_TOKENS if self._graphs else 0
+        # A long quantized chunk is sealed after it is written whole (`_run_model`): room for one in the tail pool.
+        spare = max(engine_config.prefill_chunk_size, PREFILL_GRAPH_TOKENS if self._graphs else 0)
         self.store = initialized_store(model, config, engine_config.max_num_seqs, spare)
         self._cache = KVCache(model_config=model.config, store=self.store)
         self._takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
@@ -313,13 +313,30 @@ class KVCacheEngine:
                 if graph.static.tokens == count:
                     raise
         positions = device_tensor([[start] for start in starts], torch.long, self.device)
-        return self.model(
-            input_ids=device_tensor(ids, torch.long, self.device),
-            position_ids=positions + torch.arange(count, device=self.device),
-            past_key_values=self._cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
+        # A fresh quantized prompt longer than the window is written whole in full precision and sealed after the
+        # step, every layer in one seal (one sync) instead of one per layer. It attends its own exact states either
+        # way (KIVI prefill), so its tokens and codes are the same: a prefix hit still gives a miss's tokens. Later
+        # chunks, or without room in the tail pool, each layer seals its own.
+        seal_after = (
+            self.store.sealer is not None
+            and count > self.store.config.residual_tokens
+            and not any(starts)
+            and self.store.fits_unsealed(seq_ids, count)
+        )
+        self._cache.seal_after_step = seal_after
+        try:
+            logits = self.model(
+                input_ids=device_tensor(ids, torch.long, self.device),
+                position_ids=positions + torch.arange(count, device=self.device),
+                past_key_values=self._cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
+        finally:
+            self._cache.seal_after_step = False
+        if seal_after:
+            self.store.seal(seq_ids)
+        return logits
 
     def _step_graph(self, rows: int, tokens: int) -> StepGraph | None:
         """The step graph for `rows` sequences of `tokens` new tokens each, padded to the next power of two (rows
