@@ -121,6 +121,7 @@ class KVStore:
         self._version = 0  # bumped whenever a block id list changes; keys the read side's caches
         self._reads: StoreReads | None = None  # made with the pools
         self._mass: AttentionMass | None = None  # for token eviction by LFU/ADAPTIVE
+        self._unsealed_finite: dict[int, torch.Tensor] = {}  # NaN/Inf flags of `append(seal=False)`, for `seal`
         self._slot_tensors: VersionedCache[torch.Tensor] = VersionedCache()  # slot ids -> their device tensor
         self._runs: VersionedCache[tuple[tuple[int, int], ...]] = VersionedCache()  # `_in_place_runs`, per step
 
@@ -281,6 +282,7 @@ class KVStore:
         with self._lock:
             table = self._table(seq_id)
             del self._tables[seq_id]
+            self._unsealed_finite.pop(seq_id, None)
             if self._mass is not None:
                 self._mass.drop(seq_id)
             if self.pool is not None:
@@ -294,11 +296,14 @@ class KVStore:
         """Keep only the first `num_tokens` tokens of a sequence (in every layer) and release emptied blocks.
 
         Cutting inside a sealed block turns its kept tokens back into a full-precision block (dequantized).
+        The NaN/Inf check that `append(..., seal=False)` left for `seal` is dropped: truncate after `seal`, or to
+        undo those appends.
         """
         with self._lock:
             if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
                 raise CacheValidationError(f"num_tokens={num_tokens!r} must be an int >= 0")
             table = self._table(seq_id)
+            self._unsealed_finite.pop(seq_id, None)
             if num_tokens >= table.num_tokens:
                 return
             if self.sealer is not None and max(table.layer_sealed) > num_tokens:
@@ -374,17 +379,19 @@ class KVStore:
             seq_ids: one sequence id per batch row.
             layer: layer index in `[0, num_layers)`.
             key, value: `[batch, kv_heads, tokens, head_dim]`, the model's float dtype, on the pool's device.
-            seal: False leaves every new token in full precision, whatever the residual window, and skips the
-                NaN/Inf check (the seal checks what it quantizes): the caller calls `seal(seq_ids)` once every
-                layer holds its tokens, which seals all layers together (one sync instead of one per layer).
-                `fits_unsealed` says whether the tail pool has the room.
+            seal: False leaves every new token in full precision, whatever the residual window, and defers the
+                NaN/Inf check to `seal(seq_ids)`, which the caller calls once every layer holds its tokens: it
+                seals all layers together and reads every deferred check in the same sync (one instead of one per
+                layer). A failed check there leaves the tokens stored unsealed; the caller truncates them.
+                `fits_unsealed` says whether the pools have the room.
         """
         with self._lock:
             # The NaN/Inf check of a quantized store reads a device flag: deferred to the sealing sync if this
-            # append seals (one sync, not two), else read before the first write. The first append checks first.
-            deferred = self.pool is not None and self._checks_finite
-            self.validate_inputs(seq_ids, layer, key, value, check_values=not deferred and seal)
-            finite = finite_flag(key, value) if deferred and seal else None
+            # append seals (one sync, not two), to `seal` if it does not, else read before the first write.
+            deferred = self._checks_finite and (self.pool is not None or not seal)
+            self.validate_inputs(seq_ids, layer, key, value, check_values=not deferred)
+            finite = finite_flag(key, value) if deferred else None
+            finite, unsealed_finite = (finite, None) if seal else (None, finite)
             if self.config.cache_mode is CacheMode.INFERENCE:
                 key, value = key.detach(), value.detach()  # the cache stores values, not autograd history
             if self.pool is None:
@@ -407,6 +414,11 @@ class KVStore:
                 write_runs(self.pool.dense(layer), runs, rows, self._slot_tensor)
             for table in tables:
                 table.layer_lengths[layer] += count
+            if unsealed_finite is not None:
+                for seq_id in seq_ids:
+                    pending = self._unsealed_finite.get(seq_id)
+                    both = unsealed_finite if pending is None else unsealed_finite & pending
+                    self._unsealed_finite[seq_id] = both
             if self._mass is not None:  # a new token has received no attention yet
                 self._mass.grow(seq_ids, layer, count)
 
@@ -542,22 +554,29 @@ class KVStore:
             if self.sealer is None:
                 return
             tables = [self._table(s) for s in seq_ids]
+            flags = [self._unsealed_finite.pop(s) for s in seq_ids if s in self._unsealed_finite]
+            finite = functools.reduce(torch.logical_and, flags) if flags else None
             for layer in range(self.num_layers):
                 if any(self.sealer.target(t, layer, 0) > t.layer_sealed[layer] for t in tables):
-                    self._append_planned(tables, layer, None, 0)
+                    self._append_planned(tables, layer, None, 0, rows_finite=finite)
+                    finite = None  # read with the first seal's sync
+            require_finite(finite)
 
     def fits_unsealed(self, seq_ids: Sequence[int], count: int) -> bool:
         """Whether `count` more tokens per sequence fit in the full-precision pool with nothing sealed (`append(...,
-        seal=False)` in every layer; the layers share their blocks). Needs every layer of each sequence at the same
-        length, as between model steps."""
+        seal=False)` in every layer; the layers share their blocks), and what `seal` then seals fits in the
+        quantized pool. Needs every layer of each sequence at the same length, as between model steps."""
         with self._lock:
             if self.pool is None:
                 return False
             tables = [self._table(s) for s in seq_ids]
-            plans = [self._plan(table, 0, count, 0) for table in tables]
             if any(t.layer_lengths[0] + count > self.config.max_tokens for t in tables):
                 return False
-            return self._needs(tables, plans, [])[0] <= self.pool.num_free
+            unsealed = [self._plan(table, 0, count, 0) for table in tables]
+            if self._needs(tables, unsealed, [])[0] > self.pool.num_free:
+                return False
+            sealed = sum(self._plan(table, 0, count).new_sealed for table in tables)
+            return self.quantized_pool is None or sealed <= self.quantized_pool.num_free
 
     def _in_place_runs(
         self, tables: list[BlockTable], layer: int, count: int, sealing: int | None = None

@@ -7,7 +7,14 @@ import threading
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedModel,
+)
 
 from kv_cache import CacheError, CacheMemoryError, CacheValidationError, KVCacheConfig, KVStore
 from kv_cache.engine import (
@@ -150,6 +157,54 @@ def test_a_long_fresh_quantized_prompt_is_sealed_once_after_the_step(
     assert len(prompt) > 96 and calls[: layers + 2] == ["append"] * layers + ["seal", "encode"]
     assert calls[layers + 2 : 3 * layers + 2] == ["append", "encode"] * layers  # chunk 2: each layer seals
     assert tokens == run(defer=False)[0]
+
+
+def test_a_failed_seal_after_the_step_cuts_the_chunk_off_and_a_retry_matches(
+    model: PreTrainedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seal after the step that fails (here a full sealed pool) leaves every layer holding the chunk while the
+    request counts none of it: the engine cuts the sequence back to its computed tokens before re-raising, so the
+    next step starts the prompt again and generates what an undisturbed engine does."""
+    quantized = {"use_quantization": True, "quantization_bits": 4, "block_size": 16, "residual_tokens": 32,
+                 "quantization_group_size": 32, "max_tokens": 256, "device": "cpu", "num_blocks": 64}  # fmt: skip
+    prompt, sampling = prompts(1, seed=6, longest=100, prefix="import os\n" * 12)[0], SamplingParams(max_new_tokens=6)
+    settings = EngineConfig(invariant_check=STRICT, prefill_chunk_size=64, decode_graphs=False)
+    expected = KVCacheEngine(model, KVCacheConfig(**quantized), settings).generate([prompt], sampling)[0]  # type: ignore[arg-type]
+    engine = KVCacheEngine(model, KVCacheConfig(**quantized), settings)  # type: ignore[arg-type]
+    seal = engine.store.seal
+
+    def full_pool(seq_ids: list[int]) -> None:
+        raise CacheMemoryError("the sealed pool is full")
+
+    monkeypatch.setattr(engine.store, "seal", full_pool)
+    request_id = engine.add_request(prompt, sampling)
+    with pytest.raises(CacheMemoryError, match="sealed pool is full"):
+        engine.step()
+    request = engine.get_request(request_id)
+    assert request.num_computed == 0 and request.seq_id is not None
+    assert engine.store.num_tokens(request.seq_id) == 0
+    engine.check_invariants()
+    monkeypatch.setattr(engine.store, "seal", seal)
+    assert list(engine.stream(request_id)) == expected
+
+
+def test_a_sliding_window_model_seals_its_fresh_chunks_layer_by_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sliding-window layers attend what their blocks hold even for a fresh prompt, so sealing after the step would
+    change what they read: the engine leaves such models to seal each layer as it appends."""
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=40)  # fmt: skip
+    torch.manual_seed(0)
+    mistral = MistralForCausalLM(config).eval()
+    quantized = {"use_quantization": True, "quantization_bits": 4, "block_size": 16, "residual_tokens": 32,
+                 "quantization_group_size": 32, "max_tokens": 256, "device": "cpu", "num_blocks": 64}  # fmt: skip
+    settings = EngineConfig(invariant_check=STRICT, prefill_chunk_size=96, decode_graphs=False)
+    engine = KVCacheEngine(mistral, KVCacheConfig(**quantized), settings)  # type: ignore[arg-type]
+    seals: list[list[int]] = []
+    seal = engine.store.seal
+    monkeypatch.setattr(engine.store, "seal", lambda seq_ids: seals.append(seq_ids) or seal(seq_ids))
+    prompt = [random.Random(3).randrange(4, 64) for _ in range(90)]
+    assert len(engine.generate([prompt], SamplingParams(max_new_tokens=4))[0]) == 4
+    assert seals == []
 
 
 def test_abort_frees_waiting_running_and_swapped_requests(model: PreTrainedModel) -> None:

@@ -169,18 +169,57 @@ def test_fits_unsealed_counts_the_tail_pool() -> None:
     assert store.fits_unsealed(seq, 71) and not store.fits_unsealed(seq, 72)  # 2 blocks held, 7 tokens left in one
 
 
-def test_a_non_finite_chunk_appended_unsealed_fails_at_the_seal_without_storing() -> None:
+def test_fits_unsealed_counts_the_sealed_pool_the_seal_after_needs() -> None:
+    store = KVStore(config(num_blocks=2), num_layers=2)  # two sealed blocks of 8 tokens
+    store.initialize(HEADS, DIM, torch.float32, torch.device("cpu"), batch_size=1, spare_tokens=64)
+    seq = [store.add_sequence()]
+    assert store.fits_unsealed(seq, 39)  # seals 16 tokens after the window of 16: two blocks
+    assert not store.fits_unsealed(seq, 40)  # three
+
+
+@pytest.mark.parametrize("first_append", [True, False])
+@pytest.mark.parametrize("position", [3, 39])  # a token the seal quantizes; one of the window it leaves unsealed
+def test_a_non_finite_chunk_appended_unsealed_fails_at_the_seal_and_seals_nothing(
+    position: int, first_append: bool
+) -> None:
+    """`append(..., seal=False)` defers its NaN/Inf check to `seal`, which raises before sealing anything, whether
+    the bad token is one it would quantize or one of the window it keeps (the tokens stay stored unsealed until the
+    caller truncates them); truncating drops the failed check, and the sequence is good for a clean chunk again."""
     store = KVStore(config(), num_layers=2)
     seq = [store.add_sequence()]
+    if not first_append:
+        store.initialize(HEADS, DIM, torch.float32, torch.device("cpu"), batch_size=1, spare_tokens=64)
     bad = torch.randn(1, HEADS, 40, DIM)
-    bad[0, 1, 3, 2] = float("nan")
+    bad[0, 1, position, 2] = float("nan")
     for layer in range(2):
-        store.append(seq, layer, bad, bad, seal=False)  # unchecked: the seal checks what it quantizes
+        store.append(seq, layer, bad, bad, seal=False)
+    assert store.num_tokens(seq[0]) == 40
     with pytest.raises(CacheValidationError, match=r"NaN|Inf|non-finite"):
         store.seal(seq)
     assert store.quantized_pool is not None and store.quantized_pool.num_used == 0
     assert [store.num_sealed(seq[0], layer) for layer in range(2)] == [0, 0]
     store.check_invariants()
+    store.truncate(seq[0], 0)
+    good = torch.randn(1, HEADS, 40, DIM)
+    for layer in range(2):
+        store.append(seq, layer, good, good, seal=False)
+    store.seal(seq)
+    assert [store.num_sealed(seq[0], layer) for layer in range(2)] == [24, 24]
+    store.check_invariants()
+
+
+def test_the_deferred_check_covers_every_unsealed_append_of_a_sequence() -> None:
+    """A NaN in a layer's chunk is caught by `seal` even when nothing in any layer is old enough to seal."""
+    store = KVStore(config(), num_layers=2)
+    seq = [store.add_sequence()]
+    bad = torch.randn(1, HEADS, 10, DIM)
+    store.append(seq, 0, bad, bad, seal=False)
+    bad = bad.clone()
+    bad[0, 0, 9, 0] = float("inf")
+    store.append(seq, 1, bad, bad, seal=False)
+    with pytest.raises(CacheValidationError, match=r"NaN|Inf|non-finite"):
+        store.seal(seq)
+    store.seal(seq)  # the failed check is spent: nothing left to check or seal
 
 
 def test_fork_shares_sealed_blocks_and_copies_the_tail_on_write() -> None:

@@ -45,7 +45,7 @@ from kv_cache.engine.request import FinishReason, Request, RequestStatus, Sampli
 from kv_cache.engine.scheduler import Scheduler
 from kv_cache.errors import CacheError, CacheMemoryError, CacheValidationError
 from kv_cache.hf_attention import register_attention
-from kv_cache.hf_cache import KVCache
+from kv_cache.hf_cache import KVCache, attention_layer_types
 from kv_cache.memory_manager import MemoryManager
 
 if TYPE_CHECKING:
@@ -91,8 +91,15 @@ class KVCacheEngine:
         model.set_attn_implementation(register_attention())
         graphs = engine_config.decode_graphs
         self._graphs = self.device.type == "cuda" if graphs is None else graphs
-        # A long quantized chunk is sealed after it is written whole (`_run_model`): room for one in the tail pool.
-        spare = max(engine_config.prefill_chunk_size, PREFILL_GRAPH_TOKENS if self._graphs else 0)
+        # A long fresh quantized chunk is sealed after it is written whole (`_run_model`) where that leaves what
+        # attention reads unchanged, every layer attending the prompt's own exact states (no sliding window): room
+        # for one chunk in the tail pool. A step graph seals any chunk longer than the window after it.
+        full_attention = all(t == "full_attention" for t in attention_layer_types(model.config))
+        self._seals_fresh_chunks_after = config.use_quantization and full_attention
+        spare = max(
+            engine_config.prefill_chunk_size if self._seals_fresh_chunks_after else 0,
+            PREFILL_GRAPH_TOKENS if self._graphs else 0,
+        )
         self.store = initialized_store(model, config, engine_config.max_num_seqs, spare)
         self._cache = KVCache(model_config=model.config, store=self.store)
         self._takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
@@ -281,7 +288,11 @@ class KVCacheEngine:
         ids = [r.tokens[r.num_computed : r.num_computed + count] for r in requests]
         seq_ids = [r.seq_id for r in requests if r.seq_id is not None]
         start = time.perf_counter()
-        logits = self._run_model(seq_ids, ids, [r.num_computed for r in requests])
+        try:
+            logits = self._run_model(seq_ids, ids, [r.num_computed for r in requests])
+        except BaseException:  # the layers before the failure (or a failed seal after the step) hold the chunk
+            self._cut_back(requests)
+            raise
         if self.remote is not None and count > 1:  # a prefill: what a Redis hit must beat
             self.remote.cost.record_prefill(count * len(requests), self._seconds_since(start))
         for request, row in zip(requests, logits, strict=True):
@@ -318,7 +329,7 @@ class KVCacheEngine:
         # way (KIVI prefill), so its tokens and codes are the same: a prefix hit still gives a miss's tokens. Later
         # chunks, or without room in the tail pool, each layer seals its own.
         seal_after = (
-            self.store.sealer is not None
+            self._seals_fresh_chunks_after
             and count > self.store.config.residual_tokens
             and not any(starts)
             and self.store.fits_unsealed(seq_ids, count)
@@ -332,10 +343,10 @@ class KVCacheEngine:
                 use_cache=True,
                 logits_to_keep=1,
             ).logits[:, -1]
+            if seal_after:
+                self.store.seal(seq_ids)
         finally:
             self._cache.seal_after_step = False
-        if seal_after:
-            self.store.seal(seq_ids)
         return logits
 
     def _step_graph(self, rows: int, tokens: int) -> StepGraph | None:
@@ -381,7 +392,12 @@ class KVCacheEngine:
 
     def _rollback(self) -> None:
         """After an OOM mid-step: cut each running sequence back to the tokens its request counts as computed."""
-        for request in list(self.scheduler.running):
+        self._cut_back(list(self.scheduler.running))
+
+    def _cut_back(self, requests: list[Request]) -> None:
+        """Cut each request's sequence back to the tokens it counts as computed, or requeue it to recompute them
+        where that fails (a cut inside sealed blocks needs a free full-precision block)."""
+        for request in requests:
             if request.seq_id is None:
                 continue
             try:
