@@ -4,6 +4,7 @@ path on CUDA (test_triton_attention.py, whose second and later launches of a pla
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 from typing import Any
 
@@ -54,8 +55,11 @@ class Compiled:
 def on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     """Take the path a CUDA machine with Triton >= 3.3 takes."""
     monkeypatch.setattr(launches, "FAST_LAUNCH", True)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(launches, "_on_cuda", lambda args: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    # triton.knobs' shape: importing the real triton here would fix its interpreter mode for the other tests
+    knobs = SimpleNamespace(runtime=SimpleNamespace(debug=False), compilation=SimpleNamespace(instrumentation_mode=""))
+    monkeypatch.setitem(sys.modules, "triton", SimpleNamespace(knobs=knobs))
 
 
 def launch(cache: Launches, kernel: FakeKernel, x: torch.Tensor, key: Any = "k", mode: int = 0) -> None:
@@ -99,3 +103,22 @@ def test_unknown_forms_always_bind(on_cuda: None, monkeypatch: pytest.MonkeyPatc
     for _ in range(2):
         launch(cache, plain, torch.zeros(8), key="k2")
     assert len(plain.bound) == 4 and not plain.launched
+
+
+def test_cpu_tensors_always_bind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU interpreter (and any tensor off CUDA) goes through `kernel[grid]` every time."""
+    monkeypatch.setattr(launches, "FAST_LAUNCH", True)
+    kernel, cache = FakeKernel(), Launches()
+    for _ in range(3):
+        launch(cache, kernel, torch.zeros(8))
+    assert len(kernel.bound) == 3 and not kernel.launched
+
+
+def test_a_changed_debug_switch_binds_again(on_cuda: None) -> None:
+    """Triton's debug switch changes what a launch compiles: a launcher compiled without it is not reused."""
+    kernel, cache = FakeKernel(), Launches()
+    launch(cache, kernel, torch.zeros(8))
+    sys.modules["triton"].knobs.runtime.debug = True  # the fixture's stand-in
+    launch(cache, kernel, torch.zeros(8))
+    launch(cache, kernel, torch.zeros(8))
+    assert len(kernel.bound) == 2 and len(kernel.launched) == 1

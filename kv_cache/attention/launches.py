@@ -8,11 +8,13 @@ launcher.
 
 The caller's key must fix everything Triton specialises on except what this module adds: the integer arguments'
 values, the constexprs and launch options, the tensors' dtypes (a `triton_attention.LaunchPlan` does). Added here:
-the current device and whether each tensor's address is 16-byte aligned (Triton's pointer specialisation).
+the current device, Triton's debug and instrumentation switches, and whether each tensor's address is 16-byte
+aligned (Triton's pointer specialisation).
 
 Only Triton >= 3.3 is taken this way, where a compiled kernel's launcher takes every parameter of its source's
 signature, constexprs included, in order (checked against the kernel's parameter names on the first launch);
-other versions, the CPU interpreter and a first launch go through `kernel[grid]`, as does a caller's key of None.
+other versions, tensors off CUDA (the CPU interpreter) and a first launch go through `kernel[grid]`, as does a
+caller's key of None.
 """
 
 from __future__ import annotations
@@ -58,10 +60,10 @@ class Launches:
         """`kernel[grid](*args, **constants)`; `args` are the kernel's leading parameters in order (tensors, None,
         numbers), `constants` the rest by name plus `num_warps`/`num_stages`. key: see the module docstring, or
         None to launch through `kernel[grid]` every time."""
-        if key is None or not FAST_LAUNCH or not torch.cuda.is_available():
+        if key is None or not FAST_LAUNCH or not _on_cuda(args):
             kernel[grid](*args, **constants)
             return
-        full_key = (key, torch.cuda.current_device(), *(_aligned(arg) for arg in args))
+        full_key = (key, torch.cuda.current_device(), _compile_knobs(), *(_aligned(arg) for arg in args))
         entry = self._runners.get(full_key)
         if entry is None:
             compiled = kernel[grid](*args, **constants)
@@ -76,6 +78,22 @@ class Launches:
             if index is not None:
                 values[slot] = args[index]
         runner(*values)
+
+
+def _on_cuda(args: tuple[Any, ...]) -> bool:
+    """Whether the launch's first tensor is on a CUDA device (the kernel then runs compiled, not interpreted)."""
+    tensor = next((arg for arg in args if isinstance(arg, torch.Tensor)), None)
+    return tensor is not None and tensor.device.type == "cuda"
+
+
+def _compile_knobs() -> tuple[Any, ...]:
+    """Triton's switches that change what a launch compiles (device-side asserts, instrumentation), where this
+    Triton version has them: a kernel compiled with other settings is not reused."""
+    import triton  # already imported by the kernel being launched
+
+    knobs = getattr(triton, "knobs", None)
+    runtime, compilation = getattr(knobs, "runtime", None), getattr(knobs, "compilation", None)
+    return getattr(runtime, "debug", None), getattr(compilation, "instrumentation_mode", None)
 
 
 def _aligned(arg: Any) -> bool | None:
