@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import random
 import threading
 
@@ -205,6 +206,36 @@ def test_a_sliding_window_model_seals_its_fresh_chunks_layer_by_layer(monkeypatc
     prompt = [random.Random(3).randrange(4, 64) for _ in range(90)]
     assert len(engine.generate([prompt], SamplingParams(max_new_tokens=4))[0]) == 4
     assert seals == []
+
+
+def test_a_padded_graph_step_evicts_cached_blocks_instead_of_running_eagerly(
+    model: PreTrainedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scheduler makes room for a chunk's real tokens; its step graph also writes the padding up to the graph's
+    width. With the pool full of prefix-cached blocks the engine evicts for the padding too, so the chunk replays
+    its graph instead of failing over to an eager step (3x slower end to end on an H100, bf16)."""
+    step_graphs = importlib.import_module("kv_cache.decode_graphs")
+    failed: list[tuple[int, ...]] = []
+    call = step_graphs.StepGraph.__call__
+
+    def recording(self: object, input_ids: torch.Tensor) -> object:
+        try:
+            return call(self, input_ids)
+        except CacheMemoryError:
+            failed.append(tuple(input_ids.shape))
+            raise
+
+    monkeypatch.setattr(step_graphs.StepGraph, "__call__", recording)
+    config = KVCacheConfig(num_blocks=40, block_size=8, max_tokens=256, device="cpu")
+    settings = EngineConfig(prefill_chunk_size=32, decode_graphs=True, invariant_check=STRICT)
+    engine = KVCacheEngine(model, config, settings)
+    rng = random.Random(0)
+    for _ in range(6):  # fills the pool with cached blocks
+        engine.generate([[rng.randrange(4, 200) for _ in range(64)]], SamplingParams(max_new_tokens=8))
+    assert engine.store.pool is not None and engine.store.pool.num_free <= 1
+    prompt = [rng.randrange(4, 200) for _ in range(20)]  # 3 blocks; its graph writes 32 tokens: 4
+    assert engine.generate([prompt], SamplingParams(max_new_tokens=4))[0] == hf_greedy(model, prompt, 4)
+    assert failed == []
 
 
 def test_abort_frees_waiting_running_and_swapped_requests(model: PreTrainedModel) -> None:

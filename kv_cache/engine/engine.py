@@ -46,7 +46,7 @@ from kv_cache.engine.scheduler import Scheduler
 from kv_cache.errors import CacheError, CacheMemoryError, CacheValidationError
 from kv_cache.hf_attention import register_attention
 from kv_cache.hf_cache import KVCache, attention_layer_types
-from kv_cache.memory_manager import MemoryManager
+from kv_cache.memory_manager import BlockNeeds, MemoryManager
 
 if TYPE_CHECKING:
     from kv_cache.metrics import MetricsServer
@@ -318,6 +318,7 @@ class KVCacheEngine:
         self._cache.seq_ids = seq_ids
         graph = self._step_graph(len(seq_ids), count)
         if graph is not None:
+            self._room_for_padding(seq_ids, graph.static.tokens, count)
             try:
                 return graph(device_tensor(ids, torch.long, self.device)).logits[:, -1]
             except CacheMemoryError:  # the padded chunk does not fit where the chunk itself does: run it eagerly
@@ -348,6 +349,15 @@ class KVCacheEngine:
         finally:
             self._cache.seal_after_step = False
         return logits
+
+    def _room_for_padding(self, seq_ids: list[int], padded: int, count: int) -> None:
+        """A step graph of `padded` tokens per row writes the padding too (cut off after the step); the scheduler made
+        room for `count`. Where the prefix cache holds the rest of the pool, evict what the padding needs, so the
+        step replays instead of running eagerly (as it must when the padded step does not fit)."""
+        if padded == count or self.prefix_cache is None:
+            return
+        needs = [self.memory.append_needs(seq_id, padded) for seq_id in seq_ids]
+        self.memory.make_room(sum(needs, BlockNeeds()))
 
     def _step_graph(self, rows: int, tokens: int) -> StepGraph | None:
         """The step graph for `rows` sequences of `tokens` new tokens each, padded to the next power of two (rows
