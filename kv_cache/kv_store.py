@@ -296,16 +296,16 @@ class KVStore:
         """Keep only the first `num_tokens` tokens of a sequence (in every layer) and release emptied blocks.
 
         Cutting inside a sealed block turns its kept tokens back into a full-precision block (dequantized).
-        The NaN/Inf check that `append(..., seal=False)` left for `seal` is dropped: truncate after `seal`, or to
-        undo those appends.
+        A cut drops the NaN/Inf check that `append(..., seal=False)` left for `seal`: cut after `seal`, or to undo
+        those appends.
         """
         with self._lock:
             if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
                 raise CacheValidationError(f"num_tokens={num_tokens!r} must be an int >= 0")
             table = self._table(seq_id)
-            self._unsealed_finite.pop(seq_id, None)
             if num_tokens >= table.num_tokens:
                 return
+            self._unsealed_finite.pop(seq_id, None)
             if self.sealer is not None and max(table.layer_sealed) > num_tokens:
                 self.sealer.unseal(table, num_tokens)
             table.layer_lengths = [min(length, num_tokens) for length in table.layer_lengths]

@@ -32,6 +32,9 @@ from kv_cache.reference_model import EOS_ID, PAD_ID, encode, heldout_text
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # conftest.py: tiny models, one thread
 
 STRICT = InvariantCheck.EVERY_STEP
+# INT4 blocks of 16 tokens past a 32-token window: prompts of ~100 tokens seal several blocks
+INT4_CPU = {"use_quantization": True, "quantization_bits": 4, "block_size": 16, "residual_tokens": 32,
+            "quantization_group_size": 32, "max_tokens": 256, "device": "cpu", "num_blocks": 64}  # fmt: skip
 
 
 def prompts(count: int, seed: int, longest: int = 90, prefix: str = "") -> list[list[int]]:
@@ -134,13 +137,11 @@ def test_a_long_fresh_quantized_prompt_is_sealed_once_after_the_step(
     """An eager prefill chunk that starts a prompt and is longer than the window is written whole in full precision
     and sealed after the forward, one seal for every layer; later chunks seal layer by layer. The tokens are those
     of sealing layer by layer throughout (the fresh chunk attends its exact states either way)."""
-    quantized = {"use_quantization": True, "quantization_bits": 4, "block_size": 16, "residual_tokens": 32,
-                 "quantization_group_size": 32, "max_tokens": 256, "device": "cpu", "num_blocks": 64}  # fmt: skip
     prompt, sampling = prompts(1, seed=5, longest=100, prefix="import os\n" * 12)[0], SamplingParams(max_new_tokens=8)
 
     def run(defer: bool) -> tuple[list[int], list[str]]:
         settings = EngineConfig(invariant_check=STRICT, prefill_chunk_size=48, decode_graphs=False)
-        engine = KVCacheEngine(model, KVCacheConfig(**quantized), settings)  # type: ignore[arg-type]
+        engine = KVCacheEngine(model, KVCacheConfig(**INT4_CPU), settings)  # type: ignore[arg-type]
         sealer = engine.store.sealer
         assert sealer is not None
         calls: list[str] = []
@@ -166,12 +167,10 @@ def test_a_failed_seal_after_the_step_cuts_the_chunk_off_and_a_retry_matches(
     """A seal after the step that fails (here a full sealed pool) leaves every layer holding the chunk while the
     request counts none of it: the engine cuts the sequence back to its computed tokens before re-raising, so the
     next step starts the prompt again and generates what an undisturbed engine does."""
-    quantized = {"use_quantization": True, "quantization_bits": 4, "block_size": 16, "residual_tokens": 32,
-                 "quantization_group_size": 32, "max_tokens": 256, "device": "cpu", "num_blocks": 64}  # fmt: skip
     prompt, sampling = prompts(1, seed=6, longest=100, prefix="import os\n" * 12)[0], SamplingParams(max_new_tokens=6)
     settings = EngineConfig(invariant_check=STRICT, prefill_chunk_size=64, decode_graphs=False)
-    expected = KVCacheEngine(model, KVCacheConfig(**quantized), settings).generate([prompt], sampling)[0]  # type: ignore[arg-type]
-    engine = KVCacheEngine(model, KVCacheConfig(**quantized), settings)  # type: ignore[arg-type]
+    expected = KVCacheEngine(model, KVCacheConfig(**INT4_CPU), settings).generate([prompt], sampling)[0]  # type: ignore[arg-type]
+    engine = KVCacheEngine(model, KVCacheConfig(**INT4_CPU), settings)  # type: ignore[arg-type]
     seal = engine.store.seal
 
     def full_pool(seq_ids: list[int]) -> None:
@@ -196,10 +195,8 @@ def test_a_sliding_window_model_seals_its_fresh_chunks_layer_by_layer(monkeypatc
                            num_attention_heads=4, num_key_value_heads=2, sliding_window=40)  # fmt: skip
     torch.manual_seed(0)
     mistral = MistralForCausalLM(config).eval()
-    quantized = {"use_quantization": True, "quantization_bits": 4, "block_size": 16, "residual_tokens": 32,
-                 "quantization_group_size": 32, "max_tokens": 256, "device": "cpu", "num_blocks": 64}  # fmt: skip
     settings = EngineConfig(invariant_check=STRICT, prefill_chunk_size=96, decode_graphs=False)
-    engine = KVCacheEngine(mistral, KVCacheConfig(**quantized), settings)  # type: ignore[arg-type]
+    engine = KVCacheEngine(mistral, KVCacheConfig(**INT4_CPU), settings)  # type: ignore[arg-type]
     seals: list[list[int]] = []
     seal = engine.store.seal
     monkeypatch.setattr(engine.store, "seal", lambda seq_ids: seals.append(seq_ids) or seal(seq_ids))
@@ -213,7 +210,7 @@ def test_a_padded_graph_step_evicts_cached_blocks_instead_of_running_eagerly(
 ) -> None:
     """The scheduler makes room for a chunk's real tokens; its step graph also writes the padding up to the graph's
     width. With the pool full of prefix-cached blocks the engine evicts for the padding too, so the chunk replays
-    its graph instead of failing over to an eager step (3x slower end to end on an H100, bf16)."""
+    its graph instead of failing over to an eager step (host-bound on a GPU)."""
     step_graphs = importlib.import_module("kv_cache.decode_graphs")
     failed: list[tuple[int, ...]] = []
     call = step_graphs.StepGraph.__call__
